@@ -1,0 +1,1 @@
+"""What the api, relay and worker share. Nothing here imports a service."""

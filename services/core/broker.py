@@ -1,0 +1,68 @@
+"""RabbitMQ: connection parameters and the topology, owned here and nowhere else.
+
+- ``<EMAIL_QUEUE>``: durable quorum queue. RabbitMQ 3.10 sets no delivery limit on
+  quorum queues, so we set one; past it, and on every ``reject(requeue=False)``, a
+  message is dead-lettered at-least-once (which needs ``x-overflow=reject-publish``).
+- ``<EMAIL_QUEUE>.dlq``: durable quorum queue holding what the worker could not process.
+
+Messages go through the default exchange with the queue name as routing key,
+persistent, with ``mandatory`` so that a missing queue returns them instead of dropping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+DELIVERY_LIMIT = 20
+HEARTBEAT_SECONDS = 30
+BLOCKED_CONNECTION_TIMEOUT = 30.0
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    """Parameters that never hang: heartbeats, timeouts, and a deadline while blocked.
+
+    pika's default ``blocked_connection_timeout=None`` waits forever through a broker
+    resource alarm; we give up after 30 s and reconnect instead.
+    """
+    params = pika.URLParameters(url)
+    params.heartbeat = HEARTBEAT_SECONDS
+    params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT
+    params.socket_timeout = 10
+    params.stack_timeout = 15
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": "emailsched"}
+    return params
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue(queue),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def declare_topology(channel: BlockingChannel, queue: str) -> None:
+    """Idempotent: declaring again with the same arguments is a no-op."""
+    channel.queue_declare(
+        dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
+
+
+def message_properties(message_id: str) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=message_id,
+    )

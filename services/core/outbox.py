@@ -1,0 +1,147 @@
+"""The outbox: rows that say "publish (email_id, version) at fire_at".
+
+A row is *due* when its ``available_at`` has come and it is not published. Claiming a
+row moves ``available_at`` forward by the lease: if the claiming relay dies, the row is
+simply due again when the lease runs out, and another relay publishes it. Only a
+publisher confirm lets a relay mark a row published.
+
+None of these functions commit: they run inside the caller's unit of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.core.schema import emails, outbox
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    email_id: str
+    version: int
+    fire_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One outbox row to write."""
+
+    email_id: str
+    version: int
+    fire_at: datetime
+
+
+def add(conn: Connection, entries: Sequence[Entry]) -> None:
+    if not entries:
+        return
+    conn.execute(
+        outbox.insert(),
+        [
+            {
+                "email_id": e.email_id,
+                "version": e.version,
+                "fire_at": e.fire_at,
+                "available_at": e.fire_at,
+            }
+            for e in entries
+        ],
+    )
+
+
+def claim_due(
+    conn: Connection, *, horizon: datetime, limit: int, lease_until: datetime, claimed_by: str
+) -> list[OutboxRow]:
+    """Lock and lease up to ``limit`` rows due by ``horizon``, earliest first.
+
+    ``SKIP LOCKED`` lets several relays claim side by side without waiting on each
+    other. Rows are leased, not published: the caller publishes them at ``fire_at``.
+    """
+    rows = conn.execute(
+        sa.select(outbox.c.id, outbox.c.email_id, outbox.c.version, outbox.c.fire_at)
+        .where(outbox.c.due_at <= horizon)
+        .order_by(outbox.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    conn.execute(
+        outbox.update()
+        .where(outbox.c.id.in_([r.id for r in rows]))
+        .values(
+            available_at=lease_until,
+            claimed_by=claimed_by,
+            publish_attempts=outbox.c.publish_attempts + 1,
+        )
+    )
+    return [OutboxRow(r.id, r.email_id, r.version, r.fire_at) for r in rows]
+
+
+def mark_published(conn: Connection, ids: Iterable[int], now: datetime) -> int:
+    """Confirmed by the broker: flag the rows, and move their emails pending -> queued.
+
+    Rows deleted meanwhile (a cancel or reschedule) are simply not there any more; an
+    email whose version moved on stays as it is.
+    """
+    id_list = list(ids)
+    if not id_list:
+        return 0
+    marked = conn.execute(
+        outbox.update()
+        .where(outbox.c.id.in_(id_list), outbox.c.published_at.is_(None))
+        .values(published_at=now, last_error=None)
+    ).rowcount
+    conn.execute(
+        emails.update()
+        .where(
+            emails.c.id == outbox.c.email_id,
+            emails.c.version == outbox.c.version,
+            emails.c.status == "pending",
+            outbox.c.id.in_(id_list),
+        )
+        .values(status="queued", updated_at=now)
+    )
+    return int(marked)
+
+
+def release(conn: Connection, ids: Iterable[int], *, available_at: datetime, error: str) -> None:
+    """Not published (nack, return, broker gone): due again at ``available_at``."""
+    id_list = list(ids)
+    if not id_list:
+        return
+    conn.execute(
+        outbox.update()
+        .where(outbox.c.id.in_(id_list), outbox.c.published_at.is_(None))
+        .values(available_at=available_at, claimed_by=None, last_error=error[:1000])
+    )
+
+
+def discard_pending(conn: Connection, email_id: str, version: int | None = None) -> None:
+    """Drop the unpublished rows of an email (all, or those of one version)."""
+    condition = [outbox.c.email_id == email_id, outbox.c.published_at.is_(None)]
+    if version is not None:
+        condition.append(outbox.c.version == version)
+    conn.execute(outbox.delete().where(*condition))
+
+
+def purge_published(conn: Connection, *, before: datetime, limit: int = 5000) -> int:
+    """Delete published rows older than ``before``, a bounded batch at a time."""
+    ids = (
+        conn.execute(
+            sa.select(outbox.c.id)
+            .where(outbox.c.published_at < before)
+            .order_by(outbox.c.published_at)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    if not ids:
+        return 0
+    return int(conn.execute(outbox.delete().where(outbox.c.id.in_(ids))).rowcount)

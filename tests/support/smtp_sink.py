@@ -1,0 +1,122 @@
+"""A real SMTP server (aiosmtpd) on loopback that records what it receives and answers
+from a script, per recipient: ``sink.script("a@example.com", "451 4.3.0 later", "250")``
+makes the first DATA for that recipient fail with 451 and the second succeed.
+
+Script entries: an SMTP reply line ("250 OK", "451 ...", "550 ..."), ``"close"`` (drop
+the connection after DATA without answering), or ``"slow:<seconds> <reply>"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import socket
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class Received:
+    email_id: str | None
+    message_id: str | None
+    arrived_at: datetime
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    raw: bytes
+
+    @property
+    def message(self) -> Message:
+        return email.message_from_bytes(self.raw)
+
+
+class ScriptedHandler:
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.transactions = 0  # DATA commands seen, accepted or not
+        self._scripts: dict[str, list[str]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def script(self, recipient: str, *replies: str) -> None:
+        with self._lock:
+            self._scripts[recipient.lower()].extend(replies)
+
+    def _next_reply(self, recipients: list[str]) -> str:
+        with self._lock:
+            for rcpt in recipients:
+                queue = self._scripts.get(rcpt.lower())
+                if queue:
+                    return queue.pop(0)
+        return "250 2.0.0 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.transactions += 1
+        reply = self._next_reply(envelope.rcpt_tos)
+        if reply.startswith("slow:"):
+            delay, _, reply = reply[5:].partition(" ")
+            await asyncio.sleep(float(delay))
+            reply = reply or "250 2.0.0 OK"
+        if reply == "close":
+            assert session.transport is not None
+            session.transport.close()
+            return "421 closing"  # never reaches the client: the transport is gone
+        if reply.startswith("250"):
+            raw = envelope.original_content or b""
+            parsed = email.message_from_bytes(raw)
+            with self._lock:
+                self.received.append(
+                    Received(
+                        email_id=parsed.get("X-Email-Id"),
+                        message_id=parsed.get("Message-ID"),
+                        arrived_at=datetime.now(UTC),
+                        mail_from=envelope.mail_from or "",
+                        rcpt_tos=tuple(envelope.rcpt_tos),
+                        raw=raw,
+                    )
+                )
+        return reply
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class SmtpSink:
+    """Owns the aiosmtpd controller thread; ``with SmtpSink() as sink: ...``."""
+
+    def __init__(self, port: int | None = None, **smtp_kwargs: Any) -> None:
+        self.handler = ScriptedHandler()
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._controller = Controller(
+            self.handler, hostname=self.host, port=self.port, server_kwargs=smtp_kwargs
+        )
+
+    def __enter__(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+    @property
+    def received(self) -> list[Received]:
+        return list(self.handler.received)
+
+    def script(self, recipient: str, *replies: str) -> None:
+        self.handler.script(recipient, *replies)
+
+    def by_email_id(self) -> dict[str, list[Received]]:
+        result: dict[str, list[Received]] = defaultdict(list)
+        for item in self.received:
+            result[item.email_id or ""].append(item)
+        return dict(result)
