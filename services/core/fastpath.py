@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 VERSION_TTL_SECONDS = 24 * 3600
 _QUIET_SECONDS = 30.0  # one warning per this many seconds while Redis is down
+_BACKOFF_SECONDS = 5.0  # after a failure, skip Redis this long: a dead Redis costs nothing
 
 
 class FastPath:
@@ -31,20 +32,27 @@ class FastPath:
         )
         self._prefix = f"emailsched:{namespace}:"
         self._last_warning = 0.0
+        self._down_until = 0.0
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    def _usable(self) -> redis.Redis[bytes] | None:
+        if self._client is None or time.monotonic() < self._down_until:
+            return None
+        return self._client
 
     @property
     def wakeup_channel(self) -> str:
         return self._prefix + "wakeup"
 
     def notify_due(self) -> None:
-        if self._client is None:
+        client = self._usable()
+        if client is None:
             return
         try:
-            self._client.publish(self.wakeup_channel, b"1")
+            client.publish(self.wakeup_channel, b"1")
         except redis.RedisError as exc:
             self._warn(exc)
 
@@ -72,10 +80,11 @@ class FastPath:
                 yield False
 
     def known_version(self, email_id: str) -> int | None:
-        if self._client is None:
+        client = self._usable()
+        if client is None:
             return None
         try:
-            value = self._client.get(self._prefix + "v:" + email_id)
+            value = client.get(self._prefix + "v:" + email_id)
         except redis.RedisError as exc:
             self._warn(exc)
             return None
@@ -85,10 +94,11 @@ class FastPath:
             return None
 
     def remember_versions(self, versions: dict[str, int]) -> None:
-        if self._client is None or not versions:
+        client = self._usable()
+        if client is None or not versions:
             return
         try:
-            with self._client.pipeline(transaction=False) as pipe:
+            with client.pipeline(transaction=False) as pipe:
                 for email_id, version in versions.items():
                     pipe.set(self._prefix + "v:" + email_id, version, ex=VERSION_TTL_SECONDS)
                 pipe.execute()
@@ -101,6 +111,7 @@ class FastPath:
 
     def _warn(self, exc: Exception) -> None:
         now = time.monotonic()
+        self._down_until = now + _BACKOFF_SECONDS
         if now - self._last_warning >= _QUIET_SECONDS:
             self._last_warning = now
             log.warning("redis unavailable, continuing without the fast path: %s", exc)

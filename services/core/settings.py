@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(500, ge=1, le=10_000)
     lease_seconds: float = Field(60.0, gt=0)
 
+    worker_prefetch: int = Field(50, ge=1, le=1000)
+
     log_level: str = "INFO"
 
     @field_validator("api_keys", mode="before")
