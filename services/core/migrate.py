@@ -16,11 +16,19 @@ from services.core.logs import configure_logging
 from services.core.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def _pyproject() -> Path:
+    """Alembic is configured in pyproject.toml (``[tool.alembic]``), next to ``db/``: the
+    repository root, or the working directory of an installed copy (the image's /app)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "pyproject.toml").is_file() and (root / "db" / "migrations").is_dir():
+            return root / "pyproject.toml"
+    raise SystemExit("pyproject.toml with db/migrations not found: run from the project root")
 
 
 def alembic_config(url: str) -> Config:
-    config = Config(toml_file=str(PYPROJECT))
+    config = Config(toml_file=str(_pyproject()))
     config.cmd_opts = argparse.Namespace(x=[f"url={url}"])
     return config
 

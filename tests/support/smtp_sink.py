@@ -98,7 +98,7 @@ class SmtpSink:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._controller = Controller(
-            self.handler, hostname=self.host, port=self.port, server_kwargs=smtp_kwargs
+            self.handler, hostname=self.host, port=self.port, **smtp_kwargs
         )
 
     def __enter__(self) -> SmtpSink:
