@@ -63,8 +63,8 @@ class ScriptedHandler:
             await asyncio.sleep(float(delay))
             reply = reply or "250 2.0.0 OK"
         if reply == "close":
-            assert session.transport is not None
-            session.transport.close()
+            assert server.transport is not None
+            server.transport.close()
             return "421 closing"  # never reaches the client: the transport is gone
         if reply.startswith("250"):
             raw = envelope.original_content or b""

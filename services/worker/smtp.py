@@ -1,0 +1,204 @@
+"""One reused SMTP connection, and the mapping of everything smtplib raises onto
+``TransientDelivery`` (retry later) or ``PermanentDelivery`` (fail now).
+
+A connection per message halves throughput (FIELD-NOTES), so the sender keeps one open:
+it reconnects after the server closed it, after a 421, after any error that leaves the
+session in doubt, and probes with NOOP when it sat idle (servers drop idle clients
+silently). ``settings.smtp_timeout`` is the socket timeout, so it bounds the connect,
+the greeting, every command and the final reply after DATA.
+
+TLS always goes through ``ssl.create_default_context``: smtplib's own default for
+``starttls()`` and ``SMTP_SSL`` verifies nothing. AUTH is only ever sent inside TLS;
+credentials configured on a cleartext connection are a configuration error, reported
+loudly and treated as transient so that nothing is lost while an operator fixes it.
+Problems of the connection or its configuration (TLS, AUTH, greeting) are transient
+for the same reason; only the server's 5xx about one message is permanent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+
+from services.core.errors import PermanentDelivery, TransientDelivery
+from services.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE_PROBE_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The server accepted the message (final reply ``code``) for all but ``refused``."""
+
+    code: int
+    refused: dict[str, str] = field(default_factory=dict)  # recipient -> "code text"
+
+
+class SmtpSender:
+    """Sends messages over one kept-open connection. Thread-safe (one send at a time)."""
+
+    def __init__(self, settings: Settings, *, idle_probe_seconds: float = IDLE_PROBE_SECONDS):
+        self._settings = settings
+        self._idle_probe_seconds = idle_probe_seconds
+        self._conn: smtplib.SMTP | None = None
+        self._last_used = 0.0
+        self._lock = threading.Lock()
+
+    def send(
+        self, message: EmailMessage, envelope_from: str, recipients: Sequence[str]
+    ) -> SendResult:
+        with self._lock:
+            conn = self._open()
+            self._last_used = time.monotonic()
+            try:
+                refused = conn.send_message(message, envelope_from, list(recipients))
+            except smtplib.SMTPRecipientsRefused as exc:
+                self._drop_if_closed()
+                raise _recipients_error(exc.recipients) from exc
+            except smtplib.SMTPResponseException as exc:  # sender refused, DATA refused
+                if exc.smtp_code == 421:
+                    self._drop()
+                else:
+                    self._drop_if_closed()
+                raise _reply_error(exc.smtp_code, exc.smtp_error) from exc
+            except smtplib.SMTPNotSupportedError as exc:  # an SMTPUTF8 address, no support
+                raise PermanentDelivery(f"server cannot take this message: {exc}") from exc
+            except (smtplib.SMTPException, OSError) as exc:  # disconnects, timeouts
+                self._drop()
+                raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
+            return SendResult(250, {rcpt: _text(reply) for rcpt, reply in refused.items()})
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(smtplib.SMTPException, OSError):
+                    self._conn.quit()
+            self._drop()
+
+    def _open(self) -> smtplib.SMTP:
+        """A usable connection, or ``TransientDelivery``: nothing here is about the message."""
+        try:
+            return self._connection()
+        except TransientDelivery:
+            self._drop()
+            raise
+        except (smtplib.SMTPException, OSError) as exc:  # refused, timeout, TLS, no STARTTLS
+            self._drop()
+            if isinstance(exc, ssl.SSLError):
+                log.error(
+                    "TLS with SMTP server %s:%d failed, nothing sent: %s "
+                    "(untrusted or wrong-host certificate? SMTP_CA_FILE adds a CA)",
+                    self._settings.smtp_host,
+                    self._settings.smtp_port,
+                    exc,
+                )
+            raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
+
+    def _connection(self) -> smtplib.SMTP:
+        """The open connection, after a NOOP if it idled; else a new one."""
+        if self._conn is not None and self._conn.sock is not None:
+            if time.monotonic() - self._last_used < self._idle_probe_seconds:
+                return self._conn
+            try:
+                if self._conn.noop()[0] == 250:
+                    return self._conn
+            except (smtplib.SMTPException, OSError):
+                pass
+        self._drop()
+        self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self._settings
+        context = None
+        if s.smtp_security != "none":
+            context = ssl.create_default_context(cafile=s.smtp_ca_file or None)
+        # Connecting in the constructor is what gives SMTP_SSL the host name to verify;
+        # smtplib closes the socket itself when the connect or the greeting fails.
+        conn = (
+            smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, context=context, timeout=s.smtp_timeout)
+            if s.smtp_security == "tls"
+            else smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
+        )
+        try:
+            conn.ehlo()
+            if s.smtp_security == "starttls":
+                conn.starttls(context=context)
+                conn.ehlo()
+            if s.smtp_username:
+                self._login(conn)
+        except BaseException:
+            conn.close()
+            raise
+        log.info(
+            "SMTP connected to %s:%d (security=%s, auth=%s)",
+            s.smtp_host,
+            s.smtp_port,
+            s.smtp_security,
+            "yes" if s.smtp_username else "no",
+        )
+        return conn
+
+    def _login(self, conn: smtplib.SMTP) -> None:
+        s = self._settings
+        if not isinstance(conn.sock, ssl.SSLSocket):
+            log.error(
+                "refusing to send SMTP AUTH credentials in cleartext to %s:%d: "
+                "set SMTP_SECURITY=starttls or tls",
+                s.smtp_host,
+                s.smtp_port,
+            )
+            raise TransientDelivery("SMTP AUTH refused over a cleartext connection")
+        try:
+            conn.login(s.smtp_username, s.smtp_password.get_secret_value())
+        except smtplib.SMTPAuthenticationError as exc:
+            log.error("SMTP AUTH rejected for user %s: %s", s.smtp_username, _describe(exc))
+            raise TransientDelivery(f"SMTP AUTH rejected: {_describe(exc)}", exc.smtp_code) from exc
+
+    def _drop_if_closed(self) -> None:
+        if self._conn is not None and self._conn.sock is None:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _text(reply: bytes | str | tuple[int, bytes]) -> str:
+    if isinstance(reply, tuple):
+        return f"{reply[0]} {_text(reply[1])}"
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"{exc.smtp_code} {_text(exc.smtp_error)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _reply_error(code: int, text: bytes | str) -> TransientDelivery | PermanentDelivery:
+    """5xx: the server will never take it; 4xx or anything odd: try again later."""
+    kind = PermanentDelivery if 500 <= code <= 599 else TransientDelivery
+    return kind(_text(text), code)
+
+
+def _recipients_error(
+    refused: dict[str, tuple[int, bytes]],
+) -> TransientDelivery | PermanentDelivery:
+    """Every recipient refused: permanent only when every refusal was permanent."""
+    codes = [code for code, _ in refused.values()]
+    temporary = [code for code in codes if not 500 <= code <= 599]
+    detail = "; ".join(f"{rcpt}: {_text(reply)}" for rcpt, reply in refused.items())
+    if temporary:
+        return TransientDelivery(f"all recipients refused: {detail}", temporary[0])
+    return PermanentDelivery(f"all recipients refused: {detail}", codes[0])

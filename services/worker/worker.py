@@ -1,0 +1,211 @@
+"""One broker message in, one decision out: the worker's logic, without the broker.
+
+    decode ──PoisonMessage──────────────────────────────────────────────> REJECT (dead-letter)
+    Redis knows a newer version ────────────────────────────────────────> ACK (stale)
+    claim (one transaction, DB clock) ─ GONE ───────────────────────────> REJECT
+                                      ─ STALE / EARLY ──────────────────> ACK
+                                      ─ database unavailable ───────────> REQUEUE
+                                      ─ CLAIMED ─> compose + SMTP ─> record (one transaction)
+                                                     committed ─────────> ACK
+                                                     database still down when the lease ends
+                                                                     ───> REQUEUE
+
+The ack comes only after the outcome is committed. Between the server's 250 and that
+commit is the one window where a crash duplicates a message; the recovery outbox row
+written by ``claim`` is what brings such an email back, with the same Message-ID. That
+is why recording is retried for as long as the lease lasts: every retry that succeeds
+closes the window without a duplicate.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.core import emails
+from services.core.db import db_now, is_unavailable, transaction
+from services.core.errors import DeliveryError, PermanentDelivery, PoisonMessage
+from services.core.fastpath import FastPath
+from services.core.messages import DeliveryMessage
+from services.core.settings import Settings
+from services.worker.backoff import retry_delay
+from services.worker.compose import build_message
+from services.worker.smtp import SmtpSender
+
+log = logging.getLogger(__name__)
+
+_RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX while the lease lasts
+_RECORD_RETRY_MAX = 2.0
+
+
+class Decision(enum.Enum):
+    ACK = "ack"  # done with it: delivered, recorded, or obsolete
+    REJECT = "reject"  # nobody can ever process it: to the dead-letter queue
+    REQUEUE = "requeue"  # the database is unavailable: give it back and pause
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    outcome: str  # "sent" | "transient_error" | "permanent_error"
+    smtp_code: int | None
+    error: str | None
+
+
+class Worker:
+    """Handles delivery messages; one ``SmtpSender`` (one SMTP connection) per worker."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, sender: SmtpSender, fastpath: FastPath
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._sender = sender
+        self._fastpath = fastpath
+        self._lease = timedelta(seconds=settings.lease_seconds)
+
+    def handle(self, body: bytes) -> Decision:
+        try:
+            message = DeliveryMessage.decode(body)
+        except PoisonMessage as exc:
+            log.warning("dead-lettering an undecodable message: %s", exc)
+            return Decision.REJECT
+        known = self._fastpath.known_version(message.email_id)
+        if known is not None and known > message.version:
+            log.debug("email %s v%d: stale (v%d known)", message.email_id, message.version, known)
+            return Decision.ACK
+        try:
+            claimed_at, claim = transaction(self._engine, lambda conn: self._claim(conn, message))
+        except SQLAlchemyError as exc:
+            self._log_db_error(exc, f"email {message.email_id}: claim failed, requeueing")
+            return Decision.REQUEUE
+        lease_ends = time.monotonic() + self._settings.lease_seconds
+        if claim.status is emails.ClaimStatus.GONE:
+            log.warning("dead-lettering a message for unknown email %s", message.email_id)
+            return Decision.REJECT
+        if claim.row is None or claim.status is not emails.ClaimStatus.CLAIMED:
+            log.info(
+                "email %s v%d: %s, dropped", message.email_id, message.version, claim.status.value
+            )
+            return Decision.ACK
+        attempt = self._deliver(claim.row, claimed_at)
+        return self._record(claim.row, claimed_at, attempt, lease_ends)
+
+    def _claim(self, conn: Connection, message: DeliveryMessage) -> tuple[datetime, emails.Claim]:
+        now = db_now(conn)
+        claim = emails.claim(
+            conn,
+            message.email_id,
+            message.version,
+            now=now,
+            lease=self._lease,
+            max_attempts=self._settings.max_attempts,
+        )
+        return now, claim
+
+    def _deliver(self, row: Row[Any], now: datetime) -> _Attempt:
+        try:
+            composed = build_message(row, self._settings, now=now)
+            result = self._sender.send(*composed)
+        except DeliveryError as exc:
+            kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"
+            return _Attempt(kind, exc.smtp_code, str(exc))
+        refused = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in result.refused.items())
+        return _Attempt("sent", result.code, f"refused: {refused}" if refused else None)
+
+    def _record(
+        self, row: Row[Any], started_at: datetime, attempt: _Attempt, lease_ends: float
+    ) -> Decision:
+        """Commit the outcome, retrying while the lease lasts; ack only after the commit."""
+
+        def work(conn: Connection) -> tuple[bool, emails.Outcome]:
+            finished_at = db_now(conn)
+            outcome = emails.Outcome(
+                attempt.outcome,
+                started_at=started_at,
+                finished_at=finished_at,
+                smtp_code=attempt.smtp_code,
+                error=attempt.error,
+                retry_at=self._retry_at(row, attempt, finished_at),
+            )
+            return emails.record(conn, row, outcome), outcome
+
+        pause = _RECORD_RETRY_FIRST
+        while True:
+            try:
+                recorded, outcome = transaction(self._engine, work)
+                break
+            except SQLAlchemyError as exc:
+                if not is_unavailable(exc) or time.monotonic() + pause >= lease_ends:
+                    self._log_db_error(
+                        exc,
+                        f"email {row.id} attempt {row.attempts}: {attempt.outcome} not recorded;"
+                        " requeueing, its recovery row brings it back when the lease ends",
+                    )
+                    return Decision.REQUEUE
+                log.warning(
+                    "email %s: database unavailable, retrying the record: %s", row.id, _short(exc)
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, _RECORD_RETRY_MAX)
+        if not recorded:
+            log.warning(
+                "email %s attempt %d: lease lost before recording %s; the recovery path owns it",
+                row.id,
+                row.attempts,
+                attempt.outcome,
+            )
+            return Decision.ACK
+        version = row.version + 1 if outcome.retry_at is not None else row.version
+        self._fastpath.remember_versions({row.id: version})
+        self._log_outcome(row, outcome)
+        return Decision.ACK
+
+    def _retry_at(self, row: Row[Any], attempt: _Attempt, now: datetime) -> datetime | None:
+        """When to try again after a transient error; None when attempts are spent."""
+        if attempt.outcome != "transient_error" or row.attempts >= self._settings.max_attempts:
+            return None
+        delay = retry_delay(
+            row.attempts,
+            self._settings.retry_backoff_seconds,
+            self._settings.retry_backoff_max_seconds,
+        )
+        return now + timedelta(seconds=delay)
+
+    @staticmethod
+    def _log_outcome(row: Row[Any], outcome: emails.Outcome) -> None:
+        if outcome.outcome == "sent":
+            status = "sent"
+        elif outcome.retry_at is not None:
+            status = f"pending, retry at {outcome.retry_at.isoformat()}"
+        else:
+            status = "failed"
+        log.info(
+            "email %s attempt %d: %s code=%s -> %s%s",
+            row.id,
+            row.attempts,
+            outcome.outcome,
+            outcome.smtp_code,
+            status,
+            f" ({outcome.error})" if outcome.error else "",
+        )
+
+    @staticmethod
+    def _log_db_error(exc: SQLAlchemyError, what: str) -> None:
+        if is_unavailable(exc):
+            log.warning("%s: database unavailable: %s", what, _short(exc))
+        else:
+            log.exception("%s: database error", what)
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    """The driver's one-line message, without SQLAlchemy's statement and parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).splitlines()
+    return f"{type(orig).__name__}: {lines[0] if lines else ''}"

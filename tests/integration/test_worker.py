@@ -1,0 +1,434 @@
+"""Worker.handle against real MariaDB, Redis and an aiosmtpd sink, and the worker process
+against RabbitMQ. The relay is simulated: ``relay()`` waits for an email's due outbox
+row (by the database clock), marks it published and returns its message."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.core import emails, outbox
+from services.core.broker import (
+    connection_parameters,
+    dead_letter_queue,
+    declare_topology,
+    message_properties,
+)
+from services.core.db import create_db_engine, db_now
+from services.core.fastpath import FastPath
+from services.core.messages import DeliveryMessage
+from services.core.schema import attempts
+from services.core.schema import outbox as outbox_table
+from services.core.settings import Settings
+from services.worker.smtp import SmtpSender
+from services.worker.worker import Decision, Worker
+from tests.support.smtp_sink import SmtpSink, free_port
+
+# tests/support/smtp_sink.py passes aiosmtpd's deprecated ``server_kwargs``
+
+OWNER = "o" * 32
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def create_email(engine: Engine, **changes: Any) -> str:
+    fields: dict[str, Any] = {
+        "to": ["Ann <ann@example.com>"],
+        "from_addr": "sender@example.com",
+        "subject": "Hello",
+        "send_at": None,
+        "text": "plain body",
+    }
+    fields.update(changes)
+    with engine.begin() as conn:
+        return emails.create(conn, OWNER, [emails.NewEmail(**fields)], now=db_now(conn))[0]
+
+
+def relay(engine: Engine, email_id: str, timeout: float = 10) -> DeliveryMessage:
+    """Publish the email's next outbox row once it is due, as the relay would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.begin() as conn:
+            now = db_now(conn)
+            row = conn.execute(
+                sa.select(outbox_table)
+                .where(outbox_table.c.email_id == email_id, outbox_table.c.published_at.is_(None))
+                .order_by(outbox_table.c.fire_at)
+            ).first()
+            if row is not None and row.fire_at <= now:
+                outbox.mark_published(conn, [row.id], now)
+                return DeliveryMessage(email_id, row.version)
+        time.sleep(0.02)
+    raise AssertionError(f"no outbox row for {email_id} became due")
+
+
+def email_row(engine: Engine, email_id: str) -> Any:
+    with engine.begin() as conn:
+        return emails.get(conn, OWNER, email_id)
+
+
+def attempt_rows(engine: Engine, email_id: str) -> list[Any]:
+    with engine.begin() as conn:
+        return list(
+            conn.execute(
+                sa.select(attempts).where(attempts.c.email_id == email_id).order_by("number")
+            )
+        )
+
+
+def pending_outbox(engine: Engine, email_id: str) -> list[Any]:
+    with engine.begin() as conn:
+        return list(
+            conn.execute(
+                sa.select(outbox_table).where(
+                    outbox_table.c.email_id == email_id, outbox_table.c.published_at.is_(None)
+                )
+            )
+        )
+
+
+WorkerFactory = Callable[..., Worker]
+
+
+@pytest.fixture
+def make_worker(
+    settings: Settings, db: Engine, redis_client: redis.Redis
+) -> Iterator[WorkerFactory]:
+    """Workers with their own SMTP connection; ``use_redis=False`` runs without the fast path."""
+    senders: list[SmtpSender] = []
+    fastpaths: list[FastPath] = []
+
+    def make(use_redis: bool = True, engine: Engine = db, **changes: Any) -> Worker:
+        worker_settings = settings.model_copy(update=changes)
+        sender = SmtpSender(worker_settings)
+        redis_url = settings.redis_url.get_secret_value() if use_redis else ""
+        fastpath = FastPath(redis_url, namespace=settings.email_queue)
+        senders.append(sender)
+        fastpaths.append(fastpath)
+        return Worker(worker_settings, engine, sender, fastpath)
+
+    yield make
+    for sender in senders:
+        sender.close()
+    for fastpath in fastpaths:
+        fastpath.close()
+
+
+def test_delivers_once_with_headers_and_records(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    email_id = create_email(
+        db,
+        cc=["carol@example.com"],
+        bcc=["dave@example.com"],
+        headers={"X-Campaign": "spring"},
+        reply_to="replies@example.com",
+    )
+    worker = make_worker()
+    message = relay(db, email_id)
+    assert worker.handle(message.encode()) is Decision.ACK
+
+    [received] = smtp_sink.received
+    row = email_row(db, email_id)
+    parsed = received.message
+    assert received.email_id == email_id
+    assert received.message_id == row.message_id == f"<{email_id}@example.com>"
+    assert parsed["X-Campaign"] == "spring"
+    assert parsed["Reply-To"] == "replies@example.com"
+    assert parsed["Bcc"] is None
+    assert b"dave@example.com" not in received.raw
+    assert received.mail_from == "sender@example.com"
+    assert set(received.rcpt_tos) == {"ann@example.com", "carol@example.com", "dave@example.com"}
+    assert (row.status, row.attempts, row.last_error) == ("sent", 1, None)
+    assert row.sent_at is not None
+    assert [(a.number, a.outcome, a.smtp_code) for a in attempt_rows(db, email_id)] == [
+        (1, "sent", 250)
+    ]
+    assert pending_outbox(db, email_id) == []  # the recovery row went with the record
+
+    # the same message again, through Redis and through MySQL: acked, never re-sent
+    assert worker.handle(message.encode()) is Decision.ACK
+    assert make_worker(use_redis=False).handle(message.encode()) is Decision.ACK
+    assert smtp_sink.handler.transactions == 1
+
+
+@pytest.mark.parametrize("mode", ["redis", "no-redis", "redis-flushed"])
+def test_same_message_to_two_workers_at_once_is_sent_once(
+    *,
+    db: Engine,
+    smtp_sink: SmtpSink,
+    make_worker: WorkerFactory,
+    redis_client: redis.Redis,
+    settings: Settings,
+    mode: str,
+) -> None:
+    email_id = create_email(db)
+    message = relay(db, email_id).encode()
+    workers = [make_worker(use_redis=mode != "no-redis") for _ in range(2)]
+
+    def race() -> list[Decision]:
+        barrier = threading.Barrier(len(workers))
+        decisions: list[Decision] = []
+
+        def run(worker: Worker) -> None:
+            barrier.wait()
+            decisions.append(worker.handle(message))
+
+        threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        return decisions
+
+    assert race() == [Decision.ACK, Decision.ACK]
+    if mode == "redis-flushed":
+        keys = list(redis_client.scan_iter(f"emailsched:{settings.email_queue}:*"))
+        assert keys
+        redis_client.delete(*keys)
+        assert race() == [Decision.ACK, Decision.ACK]
+    assert smtp_sink.handler.transactions == 1
+    assert email_row(db, email_id).status == "sent"
+
+
+def test_transient_twice_then_sent(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory, settings: Settings
+) -> None:
+    smtp_sink.script("ann@example.com", "451 4.3.0 later", "421 4.7.0 busy")
+    email_id = create_email(db)
+    worker = make_worker()
+    for _ in range(3):
+        assert worker.handle(relay(db, email_id).encode()) is Decision.ACK
+
+    row = email_row(db, email_id)
+    assert (row.status, row.attempts) == ("sent", 3)
+    tries = attempt_rows(db, email_id)
+    assert [(a.outcome, a.smtp_code) for a in tries] == [
+        ("transient_error", 451),
+        ("transient_error", 421),
+        ("sent", 250),
+    ]
+    assert "later" in tries[0].error
+    # never before the backoff's floor (equal jitter: at least half the full delay)
+    for number, (before, after) in enumerate(itertools.pairwise(tries), start=1):
+        floor = settings.retry_backoff_seconds * 2 ** (number - 1) / 2
+        assert after.started_at - before.finished_at >= timedelta(seconds=floor)
+    [received] = smtp_sink.received
+    assert received.message_id == row.message_id
+    assert smtp_sink.handler.transactions == 3
+
+
+def test_permanent_error_fails_at_once(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    smtp_sink.script("ann@example.com", "550 5.1.1 mailbox unavailable")
+    email_id = create_email(db)
+    assert make_worker().handle(relay(db, email_id).encode()) is Decision.ACK
+
+    row = email_row(db, email_id)
+    assert row.status == "failed"
+    assert row.attempts == 1
+    assert row.last_error.startswith("550")
+    assert "mailbox unavailable" in row.last_error
+    assert [(a.outcome, a.smtp_code) for a in attempt_rows(db, email_id)] == [
+        ("permanent_error", 550)
+    ]
+    assert smtp_sink.handler.transactions == 1
+    assert pending_outbox(db, email_id) == []
+
+
+def test_attempts_exhausted_fail(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    smtp_sink.script("ann@example.com", "451 4.3.0 later", "451 4.3.0 later")
+    email_id = create_email(db)
+    worker = make_worker(max_attempts=2)
+    for _ in range(2):
+        assert worker.handle(relay(db, email_id).encode()) is Decision.ACK
+
+    row = email_row(db, email_id)
+    assert (row.status, row.attempts) == ("failed", 2)
+    assert row.last_error.startswith("451")
+    assert pending_outbox(db, email_id) == []
+    assert smtp_sink.received == []
+
+
+def test_invalid_row_fails_without_smtp(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    email_id = create_email(db, headers={"Bcc": "evil@example.com"})
+    assert make_worker().handle(relay(db, email_id).encode()) is Decision.ACK
+    assert email_row(db, email_id).status == "failed"
+    assert smtp_sink.handler.transactions == 0
+
+
+def test_cancelled_email_is_not_sent(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    email_id = create_email(db)
+    message = relay(db, email_id)
+    with db.begin() as conn:
+        emails.cancel(conn, OWNER, email_id, db_now(conn))
+    assert make_worker().handle(message.encode()) is Decision.ACK
+    assert email_row(db, email_id).status == "cancelled"
+    assert smtp_sink.handler.transactions == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'{"email_id": "x"}', DeliveryMessage("nope", 1).encode()],
+)
+def test_poison_messages_are_rejected(make_worker: WorkerFactory, body: bytes) -> None:
+    assert make_worker().handle(body) is Decision.REJECT
+
+
+def test_email_left_sending_by_a_dead_worker_comes_back(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory, settings: Settings
+) -> None:
+    email_id = create_email(db)
+    message = relay(db, email_id)
+    # A worker claims, gets the 250, and dies before recording it.
+    with db.begin() as conn:
+        claim = emails.claim(
+            conn,
+            email_id,
+            message.version,
+            now=db_now(conn),
+            lease=timedelta(seconds=1),
+            max_attempts=5,
+        )
+    assert claim.status is emails.ClaimStatus.CLAIMED
+    assert make_worker().handle(message.encode()) is Decision.ACK  # the lease holds: stale
+    assert smtp_sink.handler.transactions == 0
+
+    assert make_worker().handle(relay(db, email_id).encode()) is Decision.ACK
+    row = email_row(db, email_id)
+    assert (row.status, row.attempts) == ("sent", 2)
+    assert [a.outcome for a in attempt_rows(db, email_id)] == ["transient_error", "sent"]
+    [received] = smtp_sink.received
+    assert received.message_id == row.message_id
+
+
+def test_smtp_down_is_transient_and_retried(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    email_id = create_email(db)
+    worker = make_worker(smtp_port=free_port())
+    assert worker.handle(relay(db, email_id).encode()) is Decision.ACK
+    row = email_row(db, email_id)
+    assert row.status == "pending"
+    assert "SMTP connection failed" in row.last_error
+    assert [(a.outcome, a.smtp_code) for a in attempt_rows(db, email_id)] == [
+        ("transient_error", None)
+    ]
+    assert make_worker().handle(relay(db, email_id).encode()) is Decision.ACK
+    assert email_row(db, email_id).status == "sent"
+
+
+def test_database_unavailable_at_claim_requeues(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    email_id = create_email(db)
+    nowhere = create_db_engine(f"mysql+pymysql://root@127.0.0.1:{free_port()}/nowhere")
+    try:
+        worker = make_worker(use_redis=False, engine=nowhere)
+        assert worker.handle(relay(db, email_id).encode()) is Decision.REQUEUE
+    finally:
+        nowhere.dispose()
+    assert smtp_sink.handler.transactions == 0
+
+
+def test_lone_dot_lines_arrive_intact_as_one_message(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    body = "first\n.\nQUIT\n..\n.\r\n.leading\nlast\n"
+    email_id = create_email(db, text=body, html="<p>\n.\n</p>")
+    assert make_worker().handle(relay(db, email_id).encode()) is Decision.ACK
+    [received] = smtp_sink.received
+    assert smtp_sink.handler.transactions == 1
+    text = received.message.get_payload()[0].get_payload(decode=True).decode()
+    assert text.replace("\r\n", "\n") == body.replace("\r\n", "\n")
+
+
+# --- the process ------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
+    db: Engine, smtp_sink: SmtpSink, settings: Settings, tmp_path: Path
+) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SMTP_")}
+    env.update(
+        DATABASE_URL=settings.database_url.get_secret_value(),
+        RABBITMQ_URL=settings.rabbitmq_url.get_secret_value(),
+        REDIS_URL=settings.redis_url.get_secret_value(),
+        EMAIL_QUEUE=settings.email_queue,
+        SMTP_HOST=smtp_sink.host,
+        SMTP_PORT=str(smtp_sink.port),
+        SMTP_TIMEOUT="5",
+        LEASE_SECONDS="30",
+        WORKER_PREFETCH="10",
+    )
+    connection = pika.BlockingConnection(
+        connection_parameters(settings.rabbitmq_url.get_secret_value())
+    )
+    channel = connection.channel()
+    declare_topology(channel, settings.email_queue)
+
+    def publish(body: bytes) -> None:
+        channel.basic_publish("", settings.email_queue, body, message_properties("test"))
+
+    log_file = tmp_path / "worker.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.worker"], cwd=ROOT, env=env, stderr=log
+        )
+    try:
+        first, second = create_email(db), create_email(db)
+        publish(relay(db, first).encode())
+        wait_for(lambda: first in smtp_sink.by_email_id(), 20, "the first delivery")
+
+        publish(b"not json")
+        publish(relay(db, second).encode())
+        wait_for(lambda: second in smtp_sink.by_email_id(), 10, "the delivery after the poison")
+
+        def dead_lettered() -> bool:
+            method, _, body = channel.basic_get(dead_letter_queue(settings.email_queue), True)
+            return method is not None and body == b"not json"
+
+        wait_for(dead_lettered, 10, "the poison message in the dead-letter queue")
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        connection.close()
+    assert email_row(db, first).status == email_row(db, second).status == "sent"
+    assert smtp_sink.handler.transactions == 2
+    log_text = log_file.read_text()
+    assert "worker stopped" in log_text
+    assert "guest:guest" not in log_text
