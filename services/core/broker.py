@@ -54,10 +54,8 @@ def dead_letter_queue(queue: str) -> str:
 
 def declare_topology(channel: BlockingChannel, queue: str) -> None:
     """Idempotent: declaring again with the same arguments is a no-op."""
-    channel.queue_declare(
-        dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
+    for name, arguments in queue_declarations(queue):
+        channel.queue_declare(name, durable=True, arguments=arguments)
 
 
 def message_properties(message_id: str) -> pika.BasicProperties:
@@ -65,4 +63,13 @@ def message_properties(message_id: str) -> pika.BasicProperties:
         content_type="application/json",
         delivery_mode=pika.DeliveryMode.Persistent,
         message_id=message_id,
+    )
+
+
+def queue_declarations(queue: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``(name, arguments)`` of every durable queue, in declaration order (dead-letter
+    queue first), for callers that declare asynchronously (the relay's SelectConnection)."""
+    return (
+        (dead_letter_queue(queue), {"x-queue-type": "quorum"}),
+        (queue, queue_arguments(queue)),
     )

@@ -145,3 +145,14 @@ def purge_published(conn: Connection, *, before: datetime, limit: int = 5000) ->
     if not ids:
         return 0
     return int(conn.execute(outbox.delete().where(outbox.c.id.in_(ids))).rowcount)
+
+
+def publish_attempts(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
+    """How many times each row was claimed: the exponent of its back-off after a failure."""
+    id_list = list(ids)
+    if not id_list:
+        return {}
+    rows = conn.execute(
+        sa.select(outbox.c.id, outbox.c.publish_attempts).where(outbox.c.id.in_(id_list))
+    )
+    return {r.id: r.publish_attempts for r in rows}
