@@ -1,0 +1,1 @@
+"""The REST API: validates requests and writes emails with their outbox rows."""

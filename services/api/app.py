@@ -1,0 +1,82 @@
+"""``create_app(settings)`` builds the whole API; nothing happens at import time."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from services.api.body_limit import BodyLimit
+from services.api.deps import Runtime
+from services.api.errors import install_error_handlers
+from services.api.routes import emails, health
+from services.api.schemas import normalize_address
+from services.core.db import check_durability, create_db_engine
+from services.core.fastpath import FastPath
+from services.core.settings import Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+# Enough connections for the threadpool's concurrent requests to rarely wait for one.
+POOL_SIZE = 10
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Engine, Redis fast path and key digests; MAIL_FROM must be a valid address."""
+    try:
+        default_from = normalize_address(settings.mail_from) if settings.mail_from else ""
+    except ValueError as exc:
+        raise ValueError(f"MAIL_FROM is not a usable address: {exc}") from None
+    return Runtime(
+        settings=settings,
+        engine=create_db_engine(settings.database_url.get_secret_value(), pool_size=POOL_SIZE),
+        fastpath=FastPath(settings.redis_url.get_secret_value(), namespace=settings.email_queue),
+        key_digests=tuple(
+            hashlib.sha256(key.get_secret_value().encode()).digest() for key in settings.api_keys
+        ),
+        default_from=default_from,
+    )
+
+
+def _check_durability(runtime: Runtime) -> None:
+    """Warn about a MySQL that could lose a commit; a database still down is no reason
+    not to start (the API answers 503 until it is back)."""
+    try:
+        check_durability(runtime.engine)
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        log.warning(
+            "could not check MySQL durability settings at %s: %s",
+            mask_url(runtime.settings.database_url.get_secret_value()),
+            type(exc).__name__,
+        )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    runtime = build_runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_check_durability, runtime)
+        try:
+            yield
+        finally:
+            runtime.fastpath.close()
+            runtime.engine.dispose()
+
+    app = FastAPI(
+        title="emailsched",
+        summary="Schedule emails; each is sent once, not before its time.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(emails.router)
+    app.include_router(health.router)
+    return app

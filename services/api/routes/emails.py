@@ -1,0 +1,176 @@
+"""``/v1/emails``: schedule, read, list, cancel and reschedule the caller's emails.
+
+Every route is scoped to the caller's API key: another key's email is a 404, exactly
+as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from services.api import scheduling
+from services.api.deps import IdempotencyKeyDep, OwnerDep, Runtime, RuntimeDep
+from services.api.idempotency import Outcome, Scope
+from services.api.schemas import (
+    AttemptList,
+    AttemptOut,
+    BatchRequest,
+    EmailBatch,
+    EmailOut,
+    EmailPage,
+    EmailRequest,
+    ErrorOut,
+    RescheduleRequest,
+    Status,
+)
+from services.core import emails
+from services.core.emails import NewEmail
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+router = APIRouter(
+    prefix="/v1/emails",
+    tags=["emails"],
+    responses={
+        401: {"model": ErrorOut, "description": "missing or invalid API key"},
+        503: {"model": ErrorOut, "description": "database unavailable; see Retry-After"},
+    },
+)
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "no such email for this API key"}
+}
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "the email's status forbids this"}
+}
+_CREATE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "replay of an earlier request with the same Idempotency-Key"},
+    400: {"model": ErrorOut, "description": "malformed Idempotency-Key"},
+    409: {"model": ErrorOut, "description": "the first request with this key is in flight"},
+    413: {"model": ErrorOut, "description": "request body too large"},
+}
+
+
+def _new_emails(
+    runtime: Runtime,
+    requests: Sequence[EmailRequest],
+    loc: Callable[[int], tuple[str | int, ...]],
+) -> list[NewEmail]:
+    """The requests as core emails; one without ``from`` needs MAIL_FROM configured.
+
+    ``loc`` names the n-th request in a 422, the way FastAPI names its own errors.
+    """
+    errors = [
+        {
+            "type": "missing",
+            "loc": (*loc(index), "from"),
+            "msg": "Field required (no MAIL_FROM is configured)",
+            "input": None,
+        }
+        for index, request in enumerate(requests)
+        if request.from_ is None and not runtime.default_from
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+    return [request.to_new_email(runtime.default_from) for request in requests]
+
+
+def _scope(
+    owner: str, key: str | None, route: str, body: EmailRequest | BatchRequest
+) -> Scope | None:
+    if key is None:
+        return None
+    return Scope.of(owner, key, route, body.model_dump(mode="json", by_alias=True))
+
+
+def _answer(outcome: Outcome, response: Response) -> list[EmailOut]:
+    if outcome.replayed:
+        response.status_code = status.HTTP_200_OK
+        response.headers[REPLAYED_HEADER] = "true"
+    return [EmailOut.from_row(row) for row in outcome.rows]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_CREATE)
+def create_email(
+    body: EmailRequest,
+    owner: OwnerDep,
+    runtime: RuntimeDep,
+    key: IdempotencyKeyDep,
+    response: Response,
+) -> EmailOut:
+    """Schedule one email. 201 once committed (email and outbox row together)."""
+    items = _new_emails(runtime, [body], lambda _: ("body",))
+    outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "single", body))
+    return _answer(outcome, response)[0]
+
+
+@router.post("/batch", status_code=status.HTTP_201_CREATED, responses=_CREATE)
+def create_batch(
+    body: BatchRequest,
+    owner: OwnerDep,
+    runtime: RuntimeDep,
+    key: IdempotencyKeyDep,
+    response: Response,
+) -> EmailBatch:
+    """Schedule 1..1000 emails in one transaction: all of them, in order, or none."""
+    items = _new_emails(runtime, body.emails, lambda index: ("body", "emails", index))
+    outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "batch", body))
+    return EmailBatch(items=_answer(outcome, response))
+
+
+@router.get("")
+def list_emails(
+    owner: OwnerDep,
+    runtime: RuntimeDep,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> EmailPage:
+    """The caller's emails, newest first; follow ``next_cursor`` until it is null."""
+    with runtime.engine.connect() as conn:
+        try:
+            rows, next_cursor = emails.page(conn, owner, status=status_, limit=limit, cursor=cursor)
+        except ValueError:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("query", "cursor"),
+                        "msg": "malformed cursor",
+                        "input": cursor,
+                    }
+                ]
+            ) from None
+    return EmailPage(items=[EmailOut.from_row(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{email_id}", responses=_NOT_FOUND)
+def get_email(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> EmailOut:
+    with runtime.engine.connect() as conn:
+        return EmailOut.from_row(emails.get(conn, owner, email_id))
+
+
+@router.post("/{email_id}/cancel", responses={**_NOT_FOUND, **_CONFLICT})
+def cancel_email(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> EmailOut:
+    """Pending or queued -> cancelled; cancelling a cancelled email is a no-op."""
+    return EmailOut.from_row(scheduling.cancel(runtime, owner, email_id))
+
+
+@router.patch("/{email_id}", responses={**_NOT_FOUND, **_CONFLICT})
+def reschedule_email(
+    email_id: str, body: RescheduleRequest, owner: OwnerDep, runtime: RuntimeDep
+) -> EmailOut:
+    """Move a pending or queued email to a new ``send_at`` (in the past: send now)."""
+    return EmailOut.from_row(scheduling.reschedule(runtime, owner, email_id, body.send_at))
+
+
+@router.get("/{email_id}/attempts", responses=_NOT_FOUND)
+def list_attempts(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> AttemptList:
+    """Every SMTP delivery attempt, oldest first."""
+    with runtime.engine.connect() as conn:
+        rows = emails.list_attempts(conn, owner, email_id)
+    return AttemptList(items=[AttemptOut.from_row(row) for row in rows])

@@ -1,0 +1,99 @@
+"""The write side of the API: each call is one transaction, then a best-effort nudge.
+
+Emails and their outbox rows are written in the same unit of work, so a 201 means both
+are committed and a failure leaves neither. Only after the commit, when something falls
+due before the relay's next poll, is the relay woken through Redis; that wake-up may be
+lost (Redis down) and the poll still finds the row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection, Row
+
+from services.api.deps import Runtime
+from services.api.idempotency import Outcome, Scope, create_once
+from services.core import emails
+from services.core.db import transaction
+from services.core.emails import NewEmail
+
+log = logging.getLogger(__name__)
+
+
+def schedule(
+    runtime: Runtime, owner: str, items: Sequence[NewEmail], scope: Scope | None
+) -> Outcome:
+    """Create ``items`` all or nothing; with a ``scope``, at most once per Idempotency-Key."""
+    now = datetime.now(UTC)
+
+    def create(conn: Connection) -> list[str]:
+        return emails.create(conn, owner, items, now)
+
+    if scope is None:
+        outcome = transaction(
+            runtime.engine,
+            lambda conn: Outcome(emails.get_many(conn, owner, create(conn)), replayed=False),
+        )
+    else:
+        outcome = create_once(runtime.engine, scope, now, create)
+    if outcome.replayed:
+        log.info(
+            "idempotent replay of %d email(s) first=%s owner=%s",
+            len(outcome.rows),
+            outcome.rows[0].id if outcome.rows else "-",
+            owner[:8],
+        )
+        return outcome
+    _wake_relay_if_due(runtime, [item.send_at for item in items], now)
+    if len(outcome.rows) == 1:
+        log.info("email scheduled id=%s owner=%s", outcome.rows[0].id, owner[:8])
+    else:
+        log.info(
+            "batch of %d emails scheduled first=%s last=%s owner=%s",
+            len(outcome.rows),
+            outcome.rows[0].id,
+            outcome.rows[-1].id,
+            owner[:8],
+        )
+    return outcome
+
+
+def cancel(runtime: Runtime, owner: str, email_id: str) -> Row[Any]:
+    """Cancel a pending or queued email (a cancelled one stays so); the email afterwards."""
+    now = datetime.now(UTC)
+
+    def work(conn: Connection) -> Row[Any]:
+        emails.cancel(conn, owner, email_id, now)
+        return emails.get(conn, owner, email_id)
+
+    row = transaction(runtime.engine, work)
+    log.info("email cancelled id=%s owner=%s", email_id, owner[:8])
+    return row
+
+
+def reschedule(runtime: Runtime, owner: str, email_id: str, send_at: datetime) -> Row[Any]:
+    """Move a pending or queued email to ``send_at``; older broker messages become stale."""
+    now = datetime.now(UTC)
+
+    def work(conn: Connection) -> Row[Any]:
+        emails.reschedule(conn, owner, email_id, send_at, now)
+        return emails.get(conn, owner, email_id)
+
+    row = transaction(runtime.engine, work)
+    _wake_relay_if_due(runtime, [send_at], now)
+    log.info(
+        "email rescheduled id=%s send_at=%s owner=%s", email_id, send_at.isoformat(), owner[:8]
+    )
+    return row
+
+
+def _wake_relay_if_due(
+    runtime: Runtime, send_times: Sequence[datetime | None], now: datetime
+) -> None:
+    horizon = now + timedelta(seconds=runtime.settings.relay_poll_interval)
+    if any(when is None or when <= horizon for when in send_times):
+        runtime.fastpath.notify_due()

@@ -1,0 +1,327 @@
+"""The JSON that crosses the API edge, validated before anything touches the database.
+
+Python 3.11.7's ``email`` package does not reject header injection (CVE-2024-6923) or
+ambiguous addresses (CVE-2023-27043), and the worker builds headers from what is stored
+here. So every string that ends up in a header is refused here, before any parsing, when
+it holds a control or line-breaking character; addresses go through email-validator and
+are stored in one normalized form the worker can parse again.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import Row
+
+from services.core.emails import NewEmail
+
+MAX_RECIPIENTS = 50
+MAX_BATCH = 1000
+MAX_ADDRESS_CHARS = 998  # the width of the from/reply_to columns, and a header line
+MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1; email-validator lets longer ones pass
+MAX_HEADERS = 50
+MAX_HEADER_NAME_CHARS = 76
+MAX_HEADER_VALUE_CHARS = 998
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_STRING_CHARS = 512
+EARLIEST_SEND_AT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_SEND_AT = datetime(9999, 1, 1, tzinfo=UTC)
+
+# Headers the system writes itself; a request may not set or duplicate them.
+OWNED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Message-ID",
+        "Date",
+        "Reply-To",
+        "Sender",
+        "Return-Path",
+        "X-Email-Id",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Received",
+        "DKIM-Signature",
+    )
+)
+
+# Unicode line breaks that ``str.splitlines`` (and so parts of ``email``) honour.
+_LINE_BREAKS = frozenset("\x85\u2028\u2029")
+
+Status = Literal["pending", "queued", "sending", "sent", "failed", "cancelled"]
+
+
+def refuse_controls(value: str, *, allow_tab: bool = False) -> str:
+    """Refuse C0/C1 controls, DEL and Unicode line breaks: the header-injection toolkit."""
+    for char in value:
+        code = ord(char)
+        if char == "\t" and allow_tab:
+            continue
+        if code < 0x20 or 0x7F <= code <= 0x9F or char in _LINE_BREAKS:
+            raise ValueError(f"control character U+{code:04X} is not allowed here")
+    return value
+
+
+def _quote_display_name(name: str) -> str:
+    """A display name as an RFC 5322 phrase: bare when it is plain atoms, else quoted."""
+    plain = name == " ".join(name.split())
+    if plain and all(c.isascii() and (c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~") for c in name):
+        return name
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def normalize_address(value: str) -> str:
+    """``addr`` or ``Display Name <addr>``, checked by email-validator, normalized.
+
+    The result is parsed again and must come back identical, so what the worker parses
+    later is exactly what was validated here.
+    """
+    refuse_controls(value)
+    if len(value) > MAX_ADDRESS_CHARS:
+        raise ValueError(f"address longer than {MAX_ADDRESS_CHARS} characters")
+    try:
+        parsed = validate_email(value, check_deliverability=False, allow_display_name=True)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid email address: {exc}") from None
+    if len(parsed.local_part.encode()) > MAX_LOCAL_PART_OCTETS:
+        raise ValueError(f"the part before the @ is longer than {MAX_LOCAL_PART_OCTETS} octets")
+    if not parsed.display_name:
+        return parsed.normalized
+    result = f"{_quote_display_name(parsed.display_name)} <{parsed.normalized}>"
+    again = validate_email(result, check_deliverability=False, allow_display_name=True)
+    if again.normalized != parsed.normalized or len(result) > MAX_ADDRESS_CHARS:
+        raise ValueError("display name cannot be represented safely")
+    return result
+
+
+def _require_text(value: object) -> object:
+    """Datetimes arrive as ISO 8601 text only (no Unix numbers, whose zone is a guess)."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("expected an ISO 8601 date-time with a UTC offset")
+    return value
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("send_at is out of range") from None
+    if not EARLIEST_SEND_AT <= utc < LATEST_SEND_AT:
+        raise ValueError("send_at must be between 1970 and 9999")
+    return utc
+
+
+def format_utc(value: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z``: the one way the API writes a time."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+Address = Annotated[str, AfterValidator(normalize_address)]
+SendAt = Annotated[AwareDatetime, BeforeValidator(_require_text), AfterValidator(_to_utc)]
+UTCTime = Annotated[datetime, PlainSerializer(format_utc, return_type=str)]
+MetadataValue = (
+    StrictBool
+    | StrictInt
+    | StrictFloat
+    | Annotated[str, Field(max_length=MAX_METADATA_STRING_CHARS)]
+    | None
+)
+
+
+class EmailRequest(BaseModel):
+    """One email to schedule. Unknown fields are refused so that typos do not vanish."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    to: Annotated[list[Address], Field(min_length=1, max_length=MAX_RECIPIENTS)]
+    cc: Annotated[list[Address], Field(max_length=MAX_RECIPIENTS)] = []
+    bcc: Annotated[list[Address], Field(max_length=MAX_RECIPIENTS)] = []
+    from_: Annotated[Address | None, Field(alias="from")] = None
+    reply_to: Address | None = None
+    subject: Annotated[
+        str,
+        Field(min_length=1, max_length=998),
+        AfterValidator(lambda v: refuse_controls(v, allow_tab=True)),
+    ]
+    text: str | None = None
+    html: str | None = None
+    send_at: SendAt | None = None
+    headers: dict[str, str] = {}
+    metadata: dict[str, MetadataValue] = {}
+
+    @field_validator("text", "html")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("NUL is not allowed in a message body")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        if len(headers) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
+        seen: set[str] = set()
+        for name, value in headers.items():
+            if not 1 <= len(name) <= MAX_HEADER_NAME_CHARS or not all(
+                33 <= ord(c) <= 126 and c != ":" for c in name
+            ):
+                raise ValueError(
+                    f"header name {name!r} must be 1..{MAX_HEADER_NAME_CHARS} printable "
+                    "ASCII characters without ':' or spaces"
+                )
+            lowered = name.lower()
+            if lowered in OWNED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the scheduler itself")
+            if lowered in seen:
+                raise ValueError(f"header {name!r} is given twice")
+            seen.add(lowered)
+            if len(value) > MAX_HEADER_VALUE_CHARS:
+                raise ValueError(f"header {name!r} is longer than {MAX_HEADER_VALUE_CHARS}")
+            refuse_controls(value, allow_tab=True)
+        return headers
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        if len(metadata) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys")
+        for key in metadata:
+            if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"metadata keys are 1..{MAX_METADATA_KEY_CHARS} characters")
+            refuse_controls(key)
+        return metadata
+
+    @model_validator(mode="after")
+    def _has_body(self) -> Self:
+        if not self.text and not self.html:
+            raise ValueError("give at least one of text and html")
+        return self
+
+    def to_new_email(self, default_from: str) -> NewEmail:
+        """The core's view of this request; ``default_from`` is the normalized MAIL_FROM."""
+        return NewEmail(
+            to=list(self.to),
+            cc=list(self.cc),
+            bcc=list(self.bcc),
+            from_addr=self.from_ or default_from,
+            reply_to=self.reply_to,
+            subject=self.subject,
+            text=self.text,
+            html=self.html,
+            send_at=self.send_at,
+            headers=dict(self.headers),
+            metadata=dict(self.metadata),
+        )
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    emails: Annotated[list[EmailRequest], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class RescheduleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    send_at: SendAt
+
+
+class EmailOut(BaseModel):
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    id: str
+    status: Status
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    from_: Annotated[str, Field(alias="from")]
+    subject: str
+    send_at: UTCTime
+    created_at: UTCTime
+    updated_at: UTCTime
+    sent_at: UTCTime | None
+    attempts: int
+    last_error: str | None
+    message_id: str
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> EmailOut:
+        return cls(
+            id=row.id,
+            status=row.status,
+            to=row.to_addrs,
+            cc=row.cc_addrs,
+            bcc=row.bcc_addrs,
+            from_=row.from_addr,
+            subject=row.subject,
+            send_at=row.send_at,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            sent_at=row.sent_at,
+            attempts=row.attempts,
+            last_error=row.last_error,
+            message_id=row.message_id,
+            metadata=row.metadata,
+        )
+
+
+class EmailPage(BaseModel):
+    items: list[EmailOut]
+    next_cursor: str | None
+
+
+class EmailBatch(BaseModel):
+    items: list[EmailOut]
+
+
+class AttemptOut(BaseModel):
+    number: int
+    started_at: UTCTime
+    finished_at: UTCTime
+    outcome: Literal["sent", "transient_error", "permanent_error"]
+    smtp_code: int | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> AttemptOut:
+        return cls(
+            number=row.number,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            outcome=row.outcome,
+            smtp_code=row.smtp_code,
+            error=row.error,
+        )
+
+
+class AttemptList(BaseModel):
+    items: list[AttemptOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str
