@@ -131,26 +131,3 @@ def _replay(conn: Connection, scope: Scope, stored: Row[Any]) -> Outcome:
         raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
     ids: Sequence[str] = stored.email_ids
     return Outcome(emails.get_many(conn, scope.owner, ids), replayed=True)
-
-
-def purge_idempotency_keys(conn: Connection, before: datetime, *, limit: int = 5000) -> int:
-    """Delete keys created before ``before``, at most ``limit`` per call; returns how many.
-
-    For housekeeping (keys are promised for at least 24 h): call it in its own short
-    transaction, repeatedly until it returns less than ``limit``, so that no single
-    statement holds many locks.
-    """
-    oldest = conn.execute(
-        sa.select(idempotency_keys.c.owner, idempotency_keys.c.key_hash)
-        .where(idempotency_keys.c.created_at < before)
-        .order_by(idempotency_keys.c.created_at)
-        .limit(limit)
-    ).all()
-    if not oldest:
-        return 0
-    deleted = conn.execute(
-        idempotency_keys.delete().where(
-            sa.tuple_(idempotency_keys.c.owner, idempotency_keys.c.key_hash).in_(oldest)
-        )
-    ).rowcount
-    return int(deleted)

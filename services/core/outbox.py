@@ -130,23 +130,6 @@ def discard_pending(conn: Connection, email_id: str, version: int | None = None)
     conn.execute(outbox.delete().where(*condition))
 
 
-def purge_published(conn: Connection, *, before: datetime, limit: int = 5000) -> int:
-    """Delete published rows older than ``before``, a bounded batch at a time."""
-    ids = (
-        conn.execute(
-            sa.select(outbox.c.id)
-            .where(outbox.c.published_at < before)
-            .order_by(outbox.c.published_at)
-            .limit(limit)
-        )
-        .scalars()
-        .all()
-    )
-    if not ids:
-        return 0
-    return int(conn.execute(outbox.delete().where(outbox.c.id.in_(ids))).rowcount)
-
-
 def publish_attempts(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
     """How many times each row was claimed: the exponent of its back-off after a failure."""
     id_list = list(ids)

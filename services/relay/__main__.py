@@ -89,7 +89,7 @@ def main() -> int:
         next_run_time=datetime.now(UTC),
     )
     scheduler.add_job(
-        relay.purge_published,
+        relay.housekeeping,
         "interval",
         seconds=HOUSEKEEPING_SECONDS,
         id="relay-housekeeping",
@@ -98,13 +98,14 @@ def main() -> int:
         misfire_grace_time=None,
     )
     scheduler.start()
+    listener = threading.Thread(
+        target=listen_for_wakeups,
+        args=(fastpath, scheduler, relay, stop),
+        name="relay-wakeups",
+        daemon=True,
+    )
     if fastpath.enabled:
-        threading.Thread(
-            target=listen_for_wakeups,
-            args=(fastpath, scheduler, relay, stop),
-            name="relay-wakeups",
-            daemon=True,
-        ).start()
+        listener.start()
     log.info(
         "relay %s started: database %s, queue %s, poll every %.2f s, redis %s",
         relay.relay_id,
@@ -121,6 +122,8 @@ def main() -> int:
     relay.stop_claiming()
     scheduler.shutdown(wait=True)
     relay.close(timeout=SHUTDOWN_CONFIRM_SECONDS)
+    if listener.is_alive():
+        listener.join(timeout=2.0)  # it sees `stop` within one wake-up timeout (1 s)
     fastpath.close()
     engine.dispose()
     return 0

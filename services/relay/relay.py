@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.core import outbox
+from services.core import outbox, retention
 from services.core.db import db_now, is_unavailable, transaction
 from services.core.settings import Settings
 from services.relay.publisher import Publisher, Result
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 LOOKAHEAD_MARGIN_SECONDS = 0.25
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
-PURGE_AFTER = timedelta(days=1)
-PURGE_MAX_BATCHES = 20
 
 
 @dataclass(slots=True)
@@ -144,21 +142,12 @@ class Relay:
         )
         return summary
 
-    def purge_published(self) -> int:
-        """Housekeeping: delete rows published more than a day ago, in bounded batches."""
-        total = 0
+    def housekeeping(self) -> None:
+        """Delete what is past keeping (see ``services.core.retention``)."""
         try:
-            for _ in range(PURGE_MAX_BATCHES):
-                deleted = transaction(
-                    self._engine,
-                    lambda conn: outbox.purge_published(conn, before=db_now(conn) - PURGE_AFTER),
-                )
-                total += deleted
-                if deleted == 0:
-                    break
+            retention.purge(self._engine)
         except SQLAlchemyError as exc:
-            self._database_error("purge", exc)
-        return total
+            self._database_error("housekeeping", exc)
 
     def _collect(self, timeout: float) -> bool:
         results = self._publisher.results(timeout)

@@ -20,11 +20,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.api.app import create_app
 from services.api.deps import fingerprint
-from services.api.idempotency import Outcome, Scope, create_once, purge_idempotency_keys
+from services.api.idempotency import Outcome, Scope, create_once
 from services.api.schemas import EmailRequest
 from services.core import emails
 from services.core.schema import emails as emails_table
-from services.core.schema import idempotency_keys
 from services.core.settings import Settings
 from tests.conftest import API_KEY
 
@@ -145,32 +144,3 @@ def test_waiter_gets_409_while_the_first_is_still_in_flight(client: TestClient, 
     _, reply = race(client, db, BODY, hold_seconds=11)
     assert reply.status_code == 409, reply.text
     assert count(db) == 1
-
-
-def test_purge_removes_old_keys_in_bounded_batches(db: Engine) -> None:
-    old, new = datetime(2020, 1, 1, tzinfo=UTC), datetime.now(UTC)
-    with db.begin() as conn:
-        conn.execute(
-            idempotency_keys.insert(),
-            [
-                {
-                    "owner": OWNER,
-                    "key_hash": f"{i:064x}",
-                    "request_hash": "0" * 64,
-                    "email_ids": [],
-                    "created_at": old if i < 7 else new,
-                }
-                for i in range(10)
-            ],
-        )
-    cutoff = datetime(2021, 1, 1, tzinfo=UTC)
-    removed = []
-    while True:
-        with db.begin() as conn:
-            removed.append(purge_idempotency_keys(conn, cutoff, limit=3))
-        if removed[-1] < 3:
-            break
-    assert removed == [3, 3, 1]
-    with db.connect() as conn:
-        left = conn.execute(sa.select(sa.func.count()).select_from(idempotency_keys)).scalar_one()
-    assert left == 3
