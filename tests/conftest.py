@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pytest
@@ -19,6 +20,7 @@ from services.core.schema import metadata
 from services.core.settings import Settings
 from tests import services
 from tests.support.smtp_sink import SmtpSink
+from tests.support.stack import Stack, running_stack
 
 RUN_ID = secrets.token_hex(4)
 
@@ -116,3 +118,12 @@ def settings(
         lease_seconds=5,
         smtp_timeout=5,
     )
+
+
+@pytest.fixture
+def stack(settings: Settings, db: Engine, tmp_path: Path) -> Iterator[Stack]:
+    """An empty database and the real processes, started by the test as it needs them."""
+    with running_stack(settings, tmp_path) as running:
+        yield running
+        codes = running.stop_all()
+        assert all(code == 0 for code in codes.values()), (codes, running.logs()[-5000:])

@@ -80,17 +80,19 @@ class Stack:
     clients: list[httpx.Client] = field(default_factory=list)
     api_url: str = ""
 
-    def start(self, kind: str, **extra_env: str) -> Process:
+    def start(self, kind: str, *, crash: str | None = None, **extra_env: str) -> Process:
+        """Start ``python -m services.<kind>``; with ``crash="after-250 3"`` the same
+        process with a test-only crash hook planted (see tests/support/crashing.py)."""
         env = {**os.environ, **settings_env(self.settings), **extra_env}
         env.pop("CI", None)  # the processes must not behave differently under CI
+        command = [sys.executable, "-m", f"services.{kind}"]
+        if crash is not None:
+            command = [sys.executable, "-m", "tests.support.crashing", kind, *crash.split()]
+            env.update(EMAILSCHED_TESTING="1", PYTHONPATH=str(ROOT))
         log_path = self.workdir / f"{kind}-{len(self.processes)}.log"
         with log_path.open("wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", f"services.{kind}"],
-                cwd=self.workdir,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                command, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         process = Process(kind, popen, log_path)
         self.processes.append(process)

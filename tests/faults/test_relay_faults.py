@@ -1,0 +1,131 @@
+"""Relay faults (FAULTS.md, "Relay"): crashes between confirm and commit, repeated
+kill -9, several relays side by side."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.core.broker import connection_parameters
+from services.core.schema import outbox
+from tests.conftest import API_KEY
+from tests.faults.ledger import Ledger, iso, scaled, settle, wait_quiescent
+from tests.support.smtp_sink import SmtpSink
+from tests.support.stack import Stack
+
+
+def bodies(n: int, send_at: datetime) -> list[dict[str, Any]]:
+    return [
+        {"to": [f"user{i}@example.com"], "subject": "ledger", "text": "x", "send_at": iso(send_at)}
+        for i in range(n)
+    ]
+
+
+def unpublished(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
+            ).scalar_one()
+        )
+
+
+def queued_messages(stack: Stack) -> int:
+    url = stack.settings.rabbitmq_url.get_secret_value()
+    connection = pika.BlockingConnection(connection_parameters(url))
+    try:
+        declared = connection.channel().queue_declare(stack.settings.email_queue, passive=True)
+        return int(declared.method.message_count)
+    finally:
+        connection.close()
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_several_relays_publish_each_row_exactly_once(
+    stack: Stack, db: Engine, smtp_sink: SmtpSink
+) -> None:
+    n = scaled(2000)
+    stack.start_api()
+    ledger = Ledger()
+    ledger.submit(
+        stack.client(API_KEY), bodies(n, datetime.now(UTC) + timedelta(seconds=2)), batch=100
+    )
+    for _ in range(3):
+        stack.start("relay")
+    wait_until(lambda: unpublished(db) == 0, 60, "every outbox row published")
+    time.sleep(0.5)  # a duplicate publish would land by now
+    assert queued_messages(stack) == n  # no worker yet: the queue holds every publish
+    stack.start("worker")
+    wait_quiescent(
+        ledger,
+        db,
+        stack.settings.rabbitmq_url.get_secret_value(),
+        stack.settings.email_queue,
+        timeout=120,
+    )
+    settle("3 relays, no fault", ledger, db, smtp_sink).assert_guarantees()
+
+
+def test_relay_killed_after_confirm_before_commit_loses_and_duplicates_nothing(
+    stack: Stack, db: Engine, smtp_sink: SmtpSink
+) -> None:
+    n = scaled(500)
+    stack.start_api()
+    stack.start("worker")
+    ledger = Ledger()
+    ledger.submit(stack.client(API_KEY), bodies(n, datetime.now(UTC)), batch=100)
+    doomed = stack.start("relay", crash="after-confirm 1")
+    assert doomed.popen.wait(30) == -signal.SIGKILL
+    assert "crash hook: SIGKILL at mark_published" in doomed.log()
+    assert unpublished(db) > 0  # confirmed by the broker, never recorded
+    stack.start("relay")  # picks the rows up again once their lease ends
+    wait_quiescent(
+        ledger,
+        db,
+        stack.settings.rabbitmq_url.get_secret_value(),
+        stack.settings.email_queue,
+        timeout=120,
+    )
+    settle("relay killed after confirm, before commit", ledger, db, smtp_sink).assert_guarantees()
+
+
+def test_relay_killed_every_few_seconds_during_a_drain(
+    stack: Stack, db: Engine, smtp_sink: SmtpSink
+) -> None:
+    n = scaled(3000)
+    stack.start_api()
+    stack.start("worker")
+    ledger = Ledger()
+    ledger.submit(
+        stack.client(API_KEY), bodies(n, datetime.now(UTC) + timedelta(seconds=1)), batch=200
+    )
+    lease = stack.settings.lease_seconds
+    poll = stack.settings.relay_poll_interval
+    for _ in range(4):
+        relay = stack.start("relay")
+        time.sleep(1.5)
+        relay.signal(signal.SIGKILL)
+        relay.popen.wait(10)
+    stack.start("relay")
+    # no row stays claimed longer than its lease plus one poll (and the claim lookahead)
+    wait_until(lambda: unpublished(db) == 0, lease + 4 * poll + 30, "every row published")
+    wait_quiescent(
+        ledger,
+        db,
+        stack.settings.rabbitmq_url.get_secret_value(),
+        stack.settings.email_queue,
+        timeout=120,
+    )
+    settle("relay kill -9 every 1.5 s", ledger, db, smtp_sink).assert_guarantees()
