@@ -325,3 +325,7 @@ class AttemptList(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]

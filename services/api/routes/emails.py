@@ -32,26 +32,58 @@ from services.core.emails import NewEmail
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 
+_ERROR = {"model": ErrorOut}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+}
+# A 422 is either FastAPI's list of field errors or, for an Idempotency-Key reused with
+# another body, a single message.
+_UNPROCESSABLE: dict[str, Any] = {
+    "description": "invalid request, or an Idempotency-Key reused with another body",
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/HTTPValidationError"},
+                    {"$ref": "#/components/schemas/ErrorOut"},
+                ]
+            }
+        }
+    },
+}
+
 router = APIRouter(
     prefix="/v1/emails",
     tags=["emails"],
     responses={
-        401: {"model": ErrorOut, "description": "missing or invalid API key"},
-        503: {"model": ErrorOut, "description": "database unavailable; see Retry-After"},
+        401: {
+            **_ERROR,
+            "description": "missing or invalid API key",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        },
+        413: {**_ERROR, "description": "request body larger than MAX_REQUEST_BYTES"},
+        503: {
+            **_ERROR,
+            "description": "database unavailable; retry after Retry-After seconds",
+            "headers": _RETRY_AFTER,
+        },
     },
 )
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "no such email for this API key"}
+    404: {**_ERROR, "description": "no such email for this API key"}
 }
 _CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorOut, "description": "the email's status forbids this"}
+    409: {**_ERROR, "description": "the email's status forbids this"}
+}
+_REPLAY: dict[str, Any] = {
+    "description": "replay of an earlier request with the same Idempotency-Key",
+    "headers": {REPLAYED_HEADER: {"schema": {"type": "string", "enum": ["true"]}}},
 }
 _CREATE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "replay of an earlier request with the same Idempotency-Key"},
-    400: {"model": ErrorOut, "description": "malformed Idempotency-Key"},
-    409: {"model": ErrorOut, "description": "the first request with this key is in flight"},
-    413: {"model": ErrorOut, "description": "request body too large"},
+    400: {**_ERROR, "description": "malformed Idempotency-Key"},
+    409: {**_ERROR, "description": "the first request with this Idempotency-Key is in flight"},
+    422: _UNPROCESSABLE,
 }
 
 
@@ -94,7 +126,11 @@ def _answer(outcome: Outcome, response: Response) -> list[EmailOut]:
     return [EmailOut.from_row(row) for row in outcome.rows]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=_CREATE)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {**_REPLAY, "model": EmailOut}, **_CREATE},
+)
 def create_email(
     body: EmailRequest,
     owner: OwnerDep,
@@ -108,7 +144,11 @@ def create_email(
     return _answer(outcome, response)[0]
 
 
-@router.post("/batch", status_code=status.HTTP_201_CREATED, responses=_CREATE)
+@router.post(
+    "/batch",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {**_REPLAY, "model": EmailBatch}, **_CREATE},
+)
 def create_batch(
     body: BatchRequest,
     owner: OwnerDep,

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from services.api.deps import RuntimeDep
+from services.api.schemas import HealthOut
 
 log = logging.getLogger(__name__)
 
@@ -16,12 +17,16 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+def healthz() -> HealthOut:
     """200 while the process can answer at all."""
-    return {"status": "ok"}
+    return HealthOut(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "MySQL does not answer"}})
+@router.get(
+    "/readyz",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "MySQL does not answer"}},
+)
 def readyz(runtime: RuntimeDep) -> JSONResponse:
     """200 when MySQL answers ``SELECT 1``: a load balancer should send traffic here."""
     try:

@@ -1,0 +1,1 @@
+"""Operator tooling: ``python -m services.admin`` (console script ``emailsched-admin``)."""
