@@ -26,7 +26,7 @@ from services.core.db import create_db_engine
 from services.core.fastpath import FastPath
 from services.core.logs import configure_logging
 from services.core.settings import Settings, mask_url
-from services.relay.publisher import Publisher
+from services.relay.publisher import Publisher, confirm_timeout_for
 from services.relay.relay import Relay
 
 log = logging.getLogger("services.relay")
@@ -60,7 +60,11 @@ def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level)
     engine = create_db_engine(settings.database_url.get_secret_value())
-    publisher = Publisher(settings.rabbitmq_url.get_secret_value(), settings.email_queue)
+    publisher = Publisher(
+        settings.rabbitmq_url.get_secret_value(),
+        settings.email_queue,
+        confirm_timeout=confirm_timeout_for(settings.lease_seconds),
+    )
     publisher.start()
     # A first poll before the broker answers would claim nothing and wait a whole interval.
     publisher.wait_ready(STARTUP_WAIT_SECONDS)

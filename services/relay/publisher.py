@@ -11,6 +11,14 @@ never before: rows sharing a deadline share one timer. Each row ends as exactly 
 ``Result``: confirmed (broker ack), or failed with a reason (nack, returned as
 unroutable, no confirm in time, connection lost, stopping). Only a confirmed row may be
 marked published.
+
+Nothing here waits forever on a broker that stopped answering. A publish without a
+confirm after ``confirm_timeout`` fails its rows and drops the connection (the graceful
+close is cut short after ``CLOSE_GRACE_SECONDS``: a hung broker never answers it); a
+connection blocked by a resource alarm is given up after the same time; heartbeats catch
+a peer that vanished without a word. The confirm timeout defaults to half the claim
+lease (``confirm_timeout_for``), so a row is failed and handed back before its lease
+ends and another relay may take it.
 """
 
 from __future__ import annotations
@@ -36,9 +44,19 @@ from services.core.settings import mask_url
 
 log = logging.getLogger(__name__)
 
-RECONNECT_INITIAL_SECONDS = 0.5
-RECONNECT_MAX_SECONDS = 5.0
-WATCHDOG_SECONDS = 1.0
+RECONNECT_INITIAL_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 2.0  # a broker back from an outage is used within seconds
+WATCHDOG_SECONDS = 0.5
+CONFIRM_TIMEOUT_MAX_SECONDS = 15.0
+CONFIRM_TIMEOUT_MIN_SECONDS = 1.0
+CLOSE_GRACE_SECONDS = 2.0
+QUIET_SECONDS = 30.0  # while the broker stays away, one warning per this many seconds
+
+
+def confirm_timeout_for(lease_seconds: float) -> float:
+    """Half the claim lease, within [1 s, 15 s]: rows whose publish is stuck are handed
+    back while this relay still holds their lease."""
+    return max(CONFIRM_TIMEOUT_MIN_SECONDS, min(CONFIRM_TIMEOUT_MAX_SECONDS, lease_seconds / 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +91,9 @@ class Publisher:
         confirm_timeout: float = 15.0,
     ) -> None:
         self._params = connection_parameters(url)
+        # pika's default (None) waits forever through a resource alarm; the shared default
+        # (30 s) is longer than a relay should hold rows it cannot publish.
+        self._params.blocked_connection_timeout = confirm_timeout
         self._where = mask_url(url)
         self._queue = queue_name
         self._max_in_flight = max_in_flight
@@ -96,6 +117,8 @@ class Publisher:
         self._tags_by_message: dict[str, deque[int]] = {}
         self._returned: dict[int, str] = {}  # delivery tag -> why the broker returned it
         self._next_tag = 0
+        self._down_since: float | None = None  # first failed attempt of this outage
+        self._last_warning = 0.0
 
     # --- the surface other threads use -------------------------------------------------
 
@@ -208,18 +231,45 @@ class Publisher:
     def _on_ready(self, channel: Any) -> None:
         if channel is not self._channel or self._stopping:
             return
-        log.info("rabbitmq connected at %s, publishing to %s", self._where, self._queue)
+        if self._down_since is None:
+            log.info("rabbitmq connected at %s, publishing to %s", self._where, self._queue)
+        else:
+            log.info(
+                "rabbitmq connected at %s, publishing to %s (was unavailable for %.1f s)",
+                self._where,
+                self._queue,
+                time.monotonic() - self._down_since,
+            )
+        self._down_since = None
         self._reconnect_delay = RECONNECT_INITIAL_SECONDS
         self._ready.set()
         self._ioloop.call_later(WATCHDOG_SECONDS, lambda: self._watchdog(channel))
 
-    def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
-        log.warning("rabbitmq connection to %s failed: %r", self._where, error)
+    def _on_connection_error(self, connection: Any, error: BaseException) -> None:
+        if connection is not self._connection:
+            return
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._last_warning >= QUIET_SECONDS:
+            self._last_warning = now
+            log.warning(
+                "rabbitmq connection to %s failed (unavailable for %.0f s; retrying every "
+                "%.1f s at most, nothing claimed meanwhile): %r",
+                self._where,
+                now - self._down_since,
+                RECONNECT_MAX_SECONDS,
+                error,
+            )
         self._after_disconnect()
 
-    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        if connection is not self._connection:
+            return
         if not self._stopping:
             log.warning("rabbitmq connection lost: %r", reason)
+            self._down_since = time.monotonic()
+            self._last_warning = 0.0
         self._after_disconnect()
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
@@ -231,7 +281,26 @@ class Publisher:
         connection = self._connection
         if connection is not None and connection.is_open:
             log.warning("rabbitmq channel closed: %r", reason)
+            self._close_connection(connection)
+
+    def _close_connection(self, connection: Any) -> None:
+        """Close gracefully, but a hung or blocking broker never answers: after
+        ``CLOSE_GRACE_SECONDS`` drop the socket (pika's own way to end a blocked or
+        heartbeat-dead connection), which reports the close as usual."""
+        if not (connection.is_closing or connection.is_closed):
             connection.close()
+
+        def abort() -> None:
+            if self._connection is None or self._connection is not connection:
+                return  # closed (and perhaps replaced) meanwhile
+            if not connection.is_closed:
+                log.warning(
+                    "rabbitmq did not close the connection within %.0f s; dropping it",
+                    CLOSE_GRACE_SECONDS,
+                )
+                connection._terminate_stream(TimeoutError("rabbitmq did not answer the close"))
+
+        self._ioloop.call_later(CLOSE_GRACE_SECONDS, abort)
 
     def _after_disconnect(self) -> None:
         self._ready.clear()
@@ -342,7 +411,7 @@ class Publisher:
             oldest = next(iter(self._outstanding.values()))
             if time.monotonic() - oldest.at > self._confirm_timeout:
                 log.warning(
-                    "no publisher confirm within %.0f s; reconnecting", self._confirm_timeout
+                    "no publisher confirm within %.1f s; reconnecting", self._confirm_timeout
                 )
                 self._fail_outstanding("no publisher confirm in time")
                 self._on_channel_closed(channel, TimeoutError("confirm timeout"))
@@ -384,5 +453,5 @@ class Publisher:
         connection = self._connection
         if connection is None:
             self._ioloop.stop()
-        elif not (connection.is_closing or connection.is_closed):
-            connection.close()
+        elif not connection.is_closed:
+            self._close_connection(connection)
