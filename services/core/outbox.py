@@ -111,7 +111,11 @@ def mark_published(conn: Connection, ids: Iterable[int], now: datetime) -> int:
 
 
 def release(conn: Connection, ids: Iterable[int], *, available_at: datetime, error: str) -> None:
-    """Not published (nack, return, broker gone): due again at ``available_at``."""
+    """Not published (nack, return, broker gone): due again at ``available_at``.
+
+    The reason also goes to the emails still waiting for these rows, so that an operator
+    sees in the API why an email is late ("publish failed: ...").
+    """
     id_list = list(ids)
     if not id_list:
         return
@@ -119,6 +123,16 @@ def release(conn: Connection, ids: Iterable[int], *, available_at: datetime, err
         outbox.update()
         .where(outbox.c.id.in_(id_list), outbox.c.published_at.is_(None))
         .values(available_at=available_at, claimed_by=None, last_error=error[:1000])
+    )
+    conn.execute(
+        emails.update()
+        .where(
+            emails.c.id == outbox.c.email_id,
+            emails.c.version == outbox.c.version,
+            emails.c.status == "pending",
+            outbox.c.id.in_(id_list),
+        )
+        .values(last_error=f"publish failed, retrying: {error}"[:2000])
     )
 
 

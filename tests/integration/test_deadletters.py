@@ -158,11 +158,6 @@ def test_cli_usage_and_an_unreachable_broker(settings: Settings) -> None:
     assert "guest:guest" not in failed.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay owner: a row the relay could not publish keeps its reason in "
-    "outbox.last_error only; the email resource shows status pending and last_error null",
-)
 def test_a_relay_that_cannot_publish_shows_in_the_api(
     settings: Settings, db: Engine, client: TestClient
 ) -> None:
