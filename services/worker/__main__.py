@@ -6,6 +6,17 @@ capped backoff when RabbitMQ goes away. When the worker gives a message back bec
 MySQL is unavailable, the loop stops taking messages until ``SELECT 1`` answers again,
 rather than cycling the queue (each requeue counts towards the delivery limit).
 
+A message whose handling raises (a bug, not a decision) is given back a few times, in
+case the cause was passing, and then dead-lettered: ``BUG_DELIVERIES`` deliveries in all,
+counted by the quorum queue's ``x-delivery-count``, rather than the queue's delivery limit
+(20) of crashes.
+
+When an attempt could not even open an SMTP session (server down, silent, TLS or AUTH
+misconfigured), that email gets its transient attempt and its retry as usual, and the
+loop then stops taking messages until a probe opens a session again (0.5 s doubling to
+5 s, heartbeats serviced): an outage costs each waiting email nothing, instead of one
+attempt per message per backoff until MAX_ATTEMPTS turns them all ``failed``.
+
 SIGTERM and SIGINT only set a flag. The message in hand is finished - a blocking SMTP
 exchange is never cut in the middle - then the connection is closed, which returns every
 unacked prefetched message to the queue, and the process exits 0. ``consume`` wakes up
@@ -19,6 +30,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import pika
@@ -41,6 +53,8 @@ log = logging.getLogger("services.worker")
 CONSUME_WAKEUP_SECONDS = 0.5
 RECONNECT_FIRST, RECONNECT_MAX = 0.5, 30.0
 DB_PAUSE_FIRST, DB_PAUSE_MAX = 0.5, 15.0
+SMTP_PAUSE_FIRST, SMTP_PAUSE_MAX = 0.5, 5.0
+BUG_DELIVERIES = 3  # deliveries of a message whose handling raises, before dead-lettering
 _BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -97,13 +111,14 @@ class Consumer:
             channel.basic_qos(prefetch_count=self._settings.worker_prefetch)
             log.info("consuming from %s (prefetch %d)", queue, self._settings.worker_prefetch)
             self._reconnect_delay = RECONNECT_FIRST
-            for method, _properties, body in channel.consume(
+            for method, properties, body in channel.consume(
                 queue, inactivity_timeout=CONSUME_WAKEUP_SECONDS
             ):
                 if self._stop.requested:
                     break
                 if method is not None:
-                    self._settle(connection, channel, method.delivery_tag, body)
+                    deliveries = _delivery_count(properties) + 1
+                    self._settle(connection, channel, method.delivery_tag, body, deliveries)
             log.info("stop requested: returning unacked messages to %s", queue)
         finally:
             with contextlib.suppress(*_BROKER_ERRORS):  # gone already: the broker requeues
@@ -115,12 +130,25 @@ class Consumer:
         channel: BlockingChannel,
         tag: int,
         body: bytes,
+        deliveries: int,
     ) -> None:
         try:
-            decision = self._worker.handle(body)
-        except Exception:  # a bug must not kill the consumer; the delivery limit bounds retries
-            log.exception("unexpected error handling a message; requeueing it")
-            channel.basic_nack(tag, requeue=True)
+            decision = self._worker.handle(body, pause=_heartbeat_sleep(connection))
+        except Exception:  # a bug must not kill the consumer, nor loop the message
+            if deliveries >= BUG_DELIVERIES:
+                log.exception(
+                    "unexpected error handling a message (delivery %d): dead-lettering it to %s",
+                    deliveries,
+                    self._settings.dlq_name,
+                )
+                channel.basic_reject(tag, requeue=False)
+            else:
+                log.exception(
+                    "unexpected error handling a message (delivery %d of at most %d); requeueing",
+                    deliveries,
+                    BUG_DELIVERIES,
+                )
+                channel.basic_nack(tag, requeue=True)
             return
         if decision is Decision.ACK:
             channel.basic_ack(tag)
@@ -129,6 +157,8 @@ class Consumer:
         else:
             channel.basic_nack(tag, requeue=True)
             self._wait_for_database(connection)
+        if self._worker.smtp_down:
+            self._wait_for_smtp(connection)
 
     def _wait_for_database(self, connection: pika.BlockingConnection) -> None:
         delay = DB_PAUSE_FIRST
@@ -136,6 +166,39 @@ class Consumer:
             log.warning("database unavailable: consumption paused for %.1fs", delay)
             self._stop.sleep(delay, connection)
             delay = min(delay * 2, DB_PAUSE_MAX)
+
+    def _wait_for_smtp(self, connection: pika.BlockingConnection) -> None:
+        delay = SMTP_PAUSE_FIRST
+        while not self._stop.requested:
+            log.warning("SMTP server unavailable: consumption paused for %.1fs", delay)
+            self._stop.sleep(delay, connection)
+            if self._stop.requested:
+                return
+            if self._worker.smtp_recovered():
+                log.info("SMTP server reachable again: consuming")
+                return
+            delay = min(delay * 2, SMTP_PAUSE_MAX)
+
+
+def _heartbeat_sleep(connection: pika.BlockingConnection) -> Callable[[float], None]:
+    """A sleep for waits inside ``handle`` (record retries while MySQL is away) that keeps
+    servicing the broker's heartbeats; once the connection is gone, a plain sleep, so that
+    the record is still retried (the ack will fail and the loop reconnect afterwards)."""
+
+    def sleep(seconds: float) -> None:
+        try:
+            connection.sleep(seconds)
+        except _BROKER_ERRORS:
+            time.sleep(seconds)
+
+    return sleep
+
+
+def _delivery_count(properties: pika.BasicProperties | None) -> int:
+    """How often the broker delivered this message before (quorum queues count it)."""
+    headers = getattr(properties, "headers", None) or {}
+    count = headers.get("x-delivery-count", 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 def _database_answers(engine: Engine) -> bool:

@@ -12,7 +12,9 @@ TLS always goes through ``ssl.create_default_context``: smtplib's own default fo
 credentials configured on a cleartext connection are a configuration error, reported
 loudly and treated as transient so that nothing is lost while an operator fixes it.
 Problems of the connection or its configuration (TLS, AUTH, greeting) are transient
-for the same reason; only the server's 5xx about one message is permanent.
+for the same reason; only the server's 5xx about one message is permanent. They raise
+``SmtpUnavailable``, so that the worker can stop taking messages until ``probe`` opens a
+session again, instead of spending every queued email's attempts on a server that is down.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from services.core.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_PROBE_SECONDS = 10.0
+
+
+class SmtpUnavailable(TransientDelivery):
+    """No usable session with the server (connect, greeting, TLS, AUTH): nothing to do
+    with the message itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,16 @@ class SmtpSender:
                 raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
             return SendResult(250, {rcpt: _text(reply) for rcpt, reply in refused.items()})
 
+    def probe(self) -> str | None:
+        """Open a session if none is open: None when there is one, else why not."""
+        with self._lock:
+            try:
+                self._open()
+            except SmtpUnavailable as exc:
+                return str(exc)
+            self._last_used = time.monotonic()
+            return None
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -85,12 +102,12 @@ class SmtpSender:
             self._drop()
 
     def _open(self) -> smtplib.SMTP:
-        """A usable connection, or ``TransientDelivery``: nothing here is about the message."""
+        """A usable connection, or ``SmtpUnavailable``: nothing here is about the message."""
         try:
             return self._connection()
-        except TransientDelivery:
+        except TransientDelivery as exc:  # AUTH refused or rejected
             self._drop()
-            raise
+            raise SmtpUnavailable(str(exc), exc.smtp_code) from exc
         except (smtplib.SMTPException, OSError) as exc:  # refused, timeout, TLS, no STARTTLS
             self._drop()
             if isinstance(exc, ssl.SSLError):
@@ -101,7 +118,7 @@ class SmtpSender:
                     self._settings.smtp_port,
                     exc,
                 )
-            raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
+            raise SmtpUnavailable(f"SMTP connection failed: {_describe(exc)}") from exc
 
     def _connection(self) -> smtplib.SMTP:
         """The open connection, after a NOOP if it idled; else a new one."""

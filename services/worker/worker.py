@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,12 +39,16 @@ from services.core.messages import DeliveryMessage
 from services.core.settings import Settings
 from services.worker.backoff import retry_delay
 from services.worker.compose import build_message
-from services.worker.smtp import SmtpSender
+from services.worker.smtp import SmtpSender, SmtpUnavailable
 
 log = logging.getLogger(__name__)
 
 _RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX while the lease lasts
 _RECORD_RETRY_MAX = 2.0
+# Email ids are UUIDs (services.core.ids). Anything else names no email: a poison message,
+# refused before it reaches Redis or MySQL (a lone surrogate in a JSON string, for one,
+# cannot even be encoded for them and used to escape ``handle`` as an exception).
+_EMAIL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Decision(enum.Enum):
@@ -69,12 +75,29 @@ class Worker:
         self._sender = sender
         self._fastpath = fastpath
         self._lease = timedelta(seconds=settings.lease_seconds)
+        self._smtp_down = False
 
-    def handle(self, body: bytes) -> Decision:
-        try:
-            message = DeliveryMessage.decode(body)
-        except PoisonMessage as exc:
-            log.warning("dead-lettering an undecodable message: %s", exc)
+    @property
+    def smtp_down(self) -> bool:
+        """The last attempt could not even open an SMTP session: take no more messages
+        until ``smtp_recovered`` says so (the consumer pauses)."""
+        return self._smtp_down
+
+    def smtp_recovered(self) -> bool:
+        """Probe the server; True (and consuming may go on) once a session is open."""
+        problem = self._sender.probe()
+        if problem is None:
+            self._smtp_down = False
+            return True
+        log.warning("SMTP server still unavailable: %s", problem)
+        return False
+
+    def handle(self, body: bytes, *, pause: Callable[[float], None] = time.sleep) -> Decision:
+        """Decide what becomes of one message. ``pause`` is how to wait between retries of
+        the record while MySQL is away; the consumer passes one that keeps servicing the
+        broker connection (heartbeats), so a long retry does not cost it the connection."""
+        message = _decode(body)
+        if message is None:
             return Decision.REJECT
         known = self._fastpath.known_version(message.email_id)
         if known is not None and known > message.version:
@@ -95,7 +118,7 @@ class Worker:
             )
             return Decision.ACK
         attempt = self._deliver(claim.row, claimed_at)
-        return self._record(claim.row, claimed_at, attempt, lease_ends)
+        return self._record(claim.row, claimed_at, attempt, lease_ends, pause)
 
     def _claim(self, conn: Connection, message: DeliveryMessage) -> tuple[datetime, emails.Claim]:
         now = db_now(conn)
@@ -114,13 +137,19 @@ class Worker:
             composed = build_message(row, self._settings, now=now)
             result = self._sender.send(*composed)
         except DeliveryError as exc:
+            self._smtp_down = isinstance(exc, SmtpUnavailable)
             kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"
             return _Attempt(kind, exc.smtp_code, str(exc))
         refused = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in result.refused.items())
         return _Attempt("sent", result.code, f"refused: {refused}" if refused else None)
 
     def _record(
-        self, row: Row[Any], started_at: datetime, attempt: _Attempt, lease_ends: float
+        self,
+        row: Row[Any],
+        started_at: datetime,
+        attempt: _Attempt,
+        lease_ends: float,
+        pause: Callable[[float], None],
     ) -> Decision:
         """Commit the outcome, retrying while the lease lasts; ack only after the commit."""
 
@@ -136,13 +165,13 @@ class Worker:
             )
             return emails.record(conn, row, outcome), outcome
 
-        pause = _RECORD_RETRY_FIRST
+        delay = _RECORD_RETRY_FIRST
         while True:
             try:
                 recorded, outcome = transaction(self._engine, work)
                 break
             except SQLAlchemyError as exc:
-                if not is_unavailable(exc) or time.monotonic() + pause >= lease_ends:
+                if not is_unavailable(exc) or time.monotonic() + delay >= lease_ends:
                     self._log_db_error(
                         exc,
                         f"email {row.id} attempt {row.attempts}: {attempt.outcome} not recorded;"
@@ -152,8 +181,8 @@ class Worker:
                 log.warning(
                     "email %s: database unavailable, retrying the record: %s", row.id, _short(exc)
                 )
-                time.sleep(pause)
-                pause = min(pause * 2, _RECORD_RETRY_MAX)
+                pause(delay)
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
         if not recorded:
             log.warning(
                 "email %s attempt %d: lease lost before recording %s; the recovery path owns it",
@@ -202,6 +231,19 @@ class Worker:
             log.warning("%s: database unavailable: %s", what, _short(exc))
         else:
             log.exception("%s: database error", what)
+
+
+def _decode(body: bytes) -> DeliveryMessage | None:
+    """The message, or None (logged) when it is poison: undecodable, or no email id."""
+    try:
+        message = DeliveryMessage.decode(body)
+    except PoisonMessage as exc:
+        log.warning("dead-lettering an undecodable message: %s", exc)
+        return None
+    if not _EMAIL_ID.fullmatch(message.email_id):
+        log.warning("dead-lettering a message with a malformed email id %a", message.email_id[:40])
+        return None
+    return message
 
 
 def _short(exc: SQLAlchemyError) -> str:

@@ -4,6 +4,11 @@ makes the first DATA for that recipient fail with 451 and the second succeed.
 
 Script entries: an SMTP reply line ("250 OK", "451 ...", "550 ..."), ``"close"`` (drop
 the connection after DATA without answering), or ``"slow:<seconds> <reply>"``.
+
+For TLS tests: ``SmtpSink(tls_context=ctx)`` offers STARTTLS, ``SmtpSink(ssl_context=ctx)``
+is implicit TLS; ``SmtpSink(authenticator=AuthRecorder(), auth_require_tls=False)``
+advertises AUTH even in cleartext and records every AUTH the server saw, with or
+without TLS under it (``AuthRecorder.attempts``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from email.message import Message
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,34 @@ class ScriptedHandler:
                     )
                 )
         return reply
+
+
+@dataclass(frozen=True)
+class AuthAttempt:
+    mechanism: str
+    login: str
+    tls: bool  # was the session encrypted (STARTTLS done, or implicit TLS) at AUTH time
+
+
+class AuthRecorder:
+    """An aiosmtpd ``authenticator`` that accepts every login and records it."""
+
+    def __init__(self) -> None:
+        self.attempts: list[AuthAttempt] = []
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        transport = server.transport
+        tls = session.ssl is not None or (
+            transport is not None and transport.get_extra_info("ssl_object") is not None
+        )
+        login = getattr(auth_data, "login", b"")
+        text = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
+        with self._lock:
+            self.attempts.append(AuthAttempt(mechanism, text, tls))
+        return AuthResult(success=True)
 
 
 def free_port() -> int:
