@@ -5,6 +5,9 @@
                                                        |--5xx or attempts spent----> failed
     cancel (pending|queued) -> cancelled; reschedule (pending|queued) -> pending
 
+This module holds the API's side (create, read, cancel, reschedule);
+``services.core.delivery`` holds the worker's (claim, record).
+
 Every transition that makes outstanding broker messages obsolete bumps ``version``; a
 message is honoured only while its version equals the email's. Everything that must
 happen later - the first send, a retry, a re-send after a worker died holding the email
@@ -15,10 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -178,210 +180,5 @@ def list_attempts(conn: Connection, owner: str, email_id: str) -> list[Row[Any]]
     return list(
         conn.execute(
             sa.select(attempts).where(attempts.c.email_id == email_id).order_by(attempts.c.number)
-        )
-    )
-
-
-# --- the worker's side ----------------------------------------------------------------
-
-
-class ClaimStatus(enum.Enum):
-    CLAIMED = "claimed"  # this worker now owns the email, as version ``row.version``
-    STALE = "stale"  # cancelled, rescheduled, finished or owned by another worker: drop
-    EARLY = "early"  # the message came before due_at: a new outbox row will bring it back
-    GONE = "gone"  # no such email at all: a poison message
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    status: ClaimStatus
-    row: Row[Any] | None = None
-
-
-def claim(
-    conn: Connection,
-    email_id: str,
-    version: int,
-    *,
-    now: datetime,
-    lease: timedelta,
-    max_attempts: int,
-) -> Claim:
-    """Decide, with one conditional UPDATE, whether this worker may send the email now.
-
-    On success the email is ``sending`` under a lease, its version is bumped (so every
-    other copy of the message is stale), and a *recovery* outbox row is written, due when
-    the lease ends: if this worker dies before recording the outcome, that row brings the
-    email back to a worker. Recording the outcome deletes it.
-    """
-    lease_until = now + lease
-    taken = conn.execute(
-        emails.update()
-        .where(
-            emails.c.id == email_id,
-            emails.c.version == version,
-            emails.c.status.in_(CANCELLABLE),
-            emails.c.due_at <= now,
-        )
-        .values(
-            status="sending",
-            version=version + 1,
-            lease_until=lease_until,
-            attempts=emails.c.attempts + 1,
-            updated_at=now,
-        )
-    ).rowcount
-    if not taken:
-        return _claim_abandoned(
-            conn, email_id, version, now=now, lease_until=lease_until, max_attempts=max_attempts
-        )
-    outbox.add(conn, [outbox.Entry(email_id, version + 1, lease_until)])
-    return Claim(
-        ClaimStatus.CLAIMED, conn.execute(sa.select(emails).where(emails.c.id == email_id)).one()
-    )
-
-
-def _claim_abandoned(
-    conn: Connection,
-    email_id: str,
-    version: int,
-    *,
-    now: datetime,
-    lease_until: datetime,
-    max_attempts: int,
-) -> Claim:
-    """The rare paths: an email a dead worker left ``sending``, an early or stale message."""
-    row = conn.execute(sa.select(emails).where(emails.c.id == email_id).with_for_update()).first()
-    if row is None:
-        return Claim(ClaimStatus.GONE)
-    if row.version != version:
-        return Claim(ClaimStatus.STALE, row)
-    if row.status in CANCELLABLE:  # right version, not due yet: bring it back on time
-        outbox.add(conn, [outbox.Entry(email_id, version, row.due_at)])
-        return Claim(ClaimStatus.EARLY, row)
-    if row.status != "sending" or row.lease_until is None or row.lease_until > now:
-        return Claim(ClaimStatus.STALE, row)
-    # A worker claimed this email and vanished before recording the outcome. The SMTP
-    # server may or may not have the message: this is the documented duplicate window.
-    _record_attempt(
-        conn,
-        email_id,
-        row.attempts,
-        started_at=row.updated_at,
-        finished_at=now,
-        outcome="transient_error",
-        smtp_code=None,
-        error="worker lost during delivery; outcome unknown",
-    )
-    if row.attempts >= max_attempts:
-        conn.execute(
-            emails.update()
-            .where(emails.c.id == email_id)
-            .values(
-                status="failed",
-                version=version + 1,
-                lease_until=None,
-                updated_at=now,
-                last_error=f"worker lost during delivery {row.attempts} times",
-            )
-        )
-        return Claim(ClaimStatus.STALE, row)
-    conn.execute(
-        emails.update()
-        .where(emails.c.id == email_id)
-        .values(
-            version=version + 1,
-            lease_until=lease_until,
-            attempts=row.attempts + 1,
-            updated_at=now,
-            last_error="previous attempt interrupted; re-sending",
-        )
-    )
-    outbox.add(conn, [outbox.Entry(email_id, version + 1, lease_until)])
-    return Claim(
-        ClaimStatus.CLAIMED, conn.execute(sa.select(emails).where(emails.c.id == email_id)).one()
-    )
-
-
-def _load(conn: Connection, email_id: str) -> Row[Any]:
-    return conn.execute(sa.select(emails).where(emails.c.id == email_id)).one()
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one SMTP attempt came to, to be recorded in one transaction."""
-
-    outcome: str  # "sent" | "transient_error" | "permanent_error"
-    started_at: datetime
-    finished_at: datetime
-    smtp_code: int | None = None
-    error: str | None = None
-    retry_at: datetime | None = None  # set for a transient error with attempts left
-
-
-def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
-    """Record the attempt and the email's new status; drop its recovery outbox row.
-
-    ``row`` is the email as claimed. Returns False when the lease was lost meanwhile
-    (the lease ran out and the email went back to the queue): nothing is written then,
-    and the recovery path has already recorded this attempt as "outcome unknown".
-    """
-    owned = (emails.c.id == row.id, emails.c.version == row.version, emails.c.status == "sending")
-    now = result.finished_at
-    values: dict[str, Any] = {"lease_until": None, "updated_at": now}
-    if result.outcome == "sent":
-        values.update(status="sent", sent_at=now, last_error=None)
-    elif result.retry_at is not None:
-        values.update(
-            status="pending",
-            version=row.version + 1,
-            due_at=result.retry_at,
-            last_error=_describe(result),
-        )
-    else:
-        values.update(status="failed", last_error=_describe(result))
-    if not conn.execute(emails.update().where(*owned).values(**values)).rowcount:
-        return False
-    _record_attempt(
-        conn,
-        row.id,
-        row.attempts,
-        started_at=result.started_at,
-        finished_at=result.finished_at,
-        outcome=result.outcome,
-        smtp_code=result.smtp_code,
-        error=result.error,
-    )
-    outbox.discard_pending(conn, row.id, row.version)
-    if result.outcome != "sent" and result.retry_at is not None:
-        outbox.add(conn, [outbox.Entry(row.id, row.version + 1, result.retry_at)])
-    return True
-
-
-def _describe(result: Outcome) -> str:
-    text = result.error or result.outcome
-    return (f"{result.smtp_code} {text}" if result.smtp_code else text)[:2000]
-
-
-def _record_attempt(
-    conn: Connection,
-    email_id: str,
-    number: int,
-    *,
-    started_at: datetime,
-    finished_at: datetime,
-    outcome: str,
-    smtp_code: int | None,
-    error: str | None,
-) -> None:
-    conn.execute(
-        attempts.insert().values(
-            email_id=email_id,
-            number=number,
-            started_at=started_at,
-            finished_at=finished_at,
-            outcome=outcome,
-            smtp_code=smtp_code,
-            error=None if error is None else error[:2000],
         )
     )

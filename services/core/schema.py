@@ -72,6 +72,7 @@ emails = sa.Table(
     sa.Column("send_at", UTCDateTime, nullable=False),
     sa.Column("due_at", UTCDateTime, nullable=False),
     sa.Column("lease_until", UTCDateTime, nullable=True),
+    sa.Column("claim_token", sa.CHAR(16), nullable=True),  # which worker's batch holds it
     sa.Column("from_addr", sa.String(998), nullable=False),
     sa.Column("reply_to", sa.String(998), nullable=True),
     sa.Column("to_addrs", JSONText, nullable=False),

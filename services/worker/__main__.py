@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 import pika
@@ -55,7 +56,23 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.5, 30.0
 DB_PAUSE_FIRST, DB_PAUSE_MAX = 0.5, 15.0
 SMTP_PAUSE_FIRST, SMTP_PAUSE_MAX = 0.5, 5.0
 BUG_DELIVERIES = 3  # deliveries of a message whose handling raises, before dead-lettering
+# Messages handled together: one claim transaction, then one record per send. A worker
+# killed mid-batch leaves the batch's other emails to come back when their lease ends.
+BATCH_MAX = 10
 _BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    tag: int
+    body: bytes
+    deliveries: int  # this one included
+
+    @classmethod
+    def of(
+        cls, method: pika.spec.Basic.Deliver, properties: pika.BasicProperties, body: bytes
+    ) -> _Delivery:
+        return cls(method.delivery_tag, body, _delivery_count(properties) + 1)
 
 
 class StopFlag:
@@ -111,14 +128,20 @@ class Consumer:
             channel.basic_qos(prefetch_count=self._settings.worker_prefetch)
             log.info("consuming from %s (prefetch %d)", queue, self._settings.worker_prefetch)
             self._reconnect_delay = RECONNECT_FIRST
-            for method, properties, body in channel.consume(
-                queue, inactivity_timeout=CONSUME_WAKEUP_SECONDS
-            ):
+            stream = channel.consume(queue, inactivity_timeout=CONSUME_WAKEUP_SECONDS)
+            for first in stream:
                 if self._stop.requested:
                     break
-                if method is not None:
-                    deliveries = _delivery_count(properties) + 1
-                    self._settle(connection, channel, method.delivery_tag, body, deliveries)
+                if first[0] is None:
+                    continue
+                batch = [_Delivery.of(*first)]
+                # Whatever else pika already holds joins the batch: no waiting for more.
+                for _ in range(min(channel.get_waiting_message_count(), BATCH_MAX - 1)):
+                    more = next(stream)
+                    if more[0] is None:
+                        break
+                    batch.append(_Delivery.of(*more))
+                self._settle(connection, channel, batch)
             log.info("stop requested: returning unacked messages to %s", queue)
         finally:
             with contextlib.suppress(*_BROKER_ERRORS):  # gone already: the broker requeues
@@ -128,34 +151,41 @@ class Consumer:
         self,
         connection: pika.BlockingConnection,
         channel: BlockingChannel,
-        tag: int,
-        body: bytes,
-        deliveries: int,
+        batch: list[_Delivery],
     ) -> None:
         try:
-            decision = self._worker.handle(body, pause=_heartbeat_sleep(connection))
-        except Exception:  # a bug must not kill the consumer, nor loop the message
-            if deliveries >= BUG_DELIVERIES:
-                log.exception(
-                    "unexpected error handling a message (delivery %d): dead-lettering it to %s",
-                    deliveries,
-                    self._settings.dlq_name,
-                )
-                channel.basic_reject(tag, requeue=False)
-            else:
-                log.exception(
-                    "unexpected error handling a message (delivery %d of at most %d); requeueing",
-                    deliveries,
-                    BUG_DELIVERIES,
-                )
-                channel.basic_nack(tag, requeue=True)
+            decisions = self._worker.handle_batch(
+                [d.body for d in batch], pause=_heartbeat_sleep(connection)
+            )
+        except Exception:  # a bug must not kill the consumer, nor loop the messages
+            for delivery in batch:
+                if delivery.deliveries >= BUG_DELIVERIES:
+                    log.exception(
+                        "unexpected error handling a message (delivery %d): dead-lettering it"
+                        " to %s",
+                        delivery.deliveries,
+                        self._settings.dlq_name,
+                    )
+                    channel.basic_reject(delivery.tag, requeue=False)
+                else:
+                    log.exception(
+                        "unexpected error handling a message (delivery %d of at most %d);"
+                        " requeueing",
+                        delivery.deliveries,
+                        BUG_DELIVERIES,
+                    )
+                    channel.basic_nack(delivery.tag, requeue=True)
             return
-        if decision is Decision.ACK:
-            channel.basic_ack(tag)
-        elif decision is Decision.REJECT:
-            channel.basic_reject(tag, requeue=False)
-        else:
-            channel.basic_nack(tag, requeue=True)
+        requeued = False
+        for delivery, decision in zip(batch, decisions, strict=True):
+            if decision is Decision.ACK:
+                channel.basic_ack(delivery.tag)
+            elif decision is Decision.REJECT:
+                channel.basic_reject(delivery.tag, requeue=False)
+            else:
+                channel.basic_nack(delivery.tag, requeue=True)
+                requeued = True
+        if requeued:
             self._wait_for_database(connection)
         if self._worker.smtp_down:
             self._wait_for_smtp(connection)

@@ -1,20 +1,29 @@
-"""One broker message in, one decision out: the worker's logic, without the broker.
+"""Broker messages in, decisions out: the worker's logic, without the broker.
 
-    decode ──PoisonMessage──────────────────────────────────────────────> REJECT (dead-letter)
+Messages come in batches (whatever the consumer has at hand, up to its prefetch):
+
+    decode ──PoisonMessage / no such id ────────────────────────────────> REJECT (dead-letter)
     Redis knows a newer version ────────────────────────────────────────> ACK (stale)
-    claim (one transaction, DB clock) ─ GONE ───────────────────────────> REJECT
-                                      ─ STALE / EARLY ──────────────────> ACK
-                                      ─ database unavailable ───────────> REQUEUE
-                                      ─ CLAIMED ─> compose + SMTP ─> record (one transaction)
+    claim the batch (ONE transaction, DB clock) ─ GONE ─────────────────> REJECT
+                                                ─ STALE / EARLY ────────> ACK
+                                                ─ database unavailable ─> REQUEUE
+                                                ─ CLAIMED ─> compose + SMTP, one by one,
+                                                  each outcome recorded at once
                                                      committed ─────────> ACK
                                                      database still down when the lease ends
                                                                      ───> REQUEUE
 
 The ack comes only after the outcome is committed. Between the server's 250 and that
 commit is the one window where a crash duplicates a message; the recovery outbox row
-written by ``claim`` is what brings such an email back, with the same Message-ID. That
-is why recording is retried for as long as the lease lasts: every retry that succeeds
+written by the claim is what brings such an email back, with the same Message-ID.
+Claims are batched (one transaction for the batch), records are not: each send is
+recorded before the next one starts, so the window never holds more than one email.
+Recording is retried for as long as the lease lasts, since every retry that succeeds
 closes the window without a duplicate.
+
+An email is not attempted - it is *released*, due again shortly, without using up an
+attempt - when the SMTP server proved unreachable earlier in the batch, or when so much of
+the lease is gone that the send might outlive it.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,8 +40,9 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.core import emails
+from services.core import delivery
 from services.core.db import db_now, is_unavailable, transaction
+from services.core.delivery import Claim, ClaimStatus, Outcome
 from services.core.errors import DeliveryError, PermanentDelivery, PoisonMessage
 from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
@@ -43,6 +53,7 @@ from services.worker.smtp import SmtpSender, SmtpUnavailable
 
 log = logging.getLogger(__name__)
 
+RELEASE_DELAY_SECONDS = 1.0  # a released email is due again after this
 _RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX while the lease lasts
 _RECORD_RETRY_MAX = 2.0
 # Email ids are UUIDs (services.core.ids). Anything else names no email: a poison message,
@@ -59,9 +70,30 @@ class Decision(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
-    outcome: str  # "sent" | "transient_error" | "permanent_error"
+    outcome: str  # "sent" | "transient_error" | "permanent_error" | "released"
     smtp_code: int | None
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """One email of the batch, handled, its outcome not yet committed."""
+
+    row: Row[Any]
+    started_at: datetime
+    finished_at: datetime
+    attempt: _Attempt
+
+
+class _Clock:
+    """The database clock, carried forward by the monotonic clock from one reading."""
+
+    def __init__(self, db_time: datetime) -> None:
+        self._db_time = db_time
+        self.started = time.monotonic()
+
+    def now(self) -> datetime:
+        return self._db_time + timedelta(seconds=time.monotonic() - self.started)
 
 
 class Worker:
@@ -75,6 +107,8 @@ class Worker:
         self._sender = sender
         self._fastpath = fastpath
         self._lease = timedelta(seconds=settings.lease_seconds)
+        # Start no send when less than this is left of the lease: it might outlive it.
+        self._send_margin = min(settings.lease_seconds / 2, 2 * settings.smtp_timeout)
         self._smtp_down = False
 
     @property
@@ -93,44 +127,84 @@ class Worker:
         return False
 
     def handle(self, body: bytes, *, pause: Callable[[float], None] = time.sleep) -> Decision:
-        """Decide what becomes of one message. ``pause`` is how to wait between retries of
+        """One message: a batch of one."""
+        return self.handle_batch([body], pause=pause)[0]
+
+    def handle_batch(
+        self, bodies: Sequence[bytes], *, pause: Callable[[float], None] = time.sleep
+    ) -> list[Decision]:
+        """One decision per message, in order. ``pause`` is how to wait between retries of
         the record while MySQL is away; the consumer passes one that keeps servicing the
         broker connection (heartbeats), so a long retry does not cost it the connection."""
-        message = _decode(body)
-        if message is None:
-            return Decision.REJECT
-        known = self._fastpath.known_version(message.email_id)
-        if known is not None and known > message.version:
-            log.debug("email %s v%d: stale (v%d known)", message.email_id, message.version, known)
-            return Decision.ACK
-        try:
-            claimed_at, claim = transaction(self._engine, lambda conn: self._claim(conn, message))
-        except SQLAlchemyError as exc:
-            self._log_db_error(exc, f"email {message.email_id}: claim failed, requeueing")
-            return Decision.REQUEUE
-        lease_ends = time.monotonic() + self._settings.lease_seconds
-        if claim.status is emails.ClaimStatus.GONE:
-            log.warning("dead-lettering a message for unknown email %s", message.email_id)
-            return Decision.REJECT
-        if claim.row is None or claim.status is not emails.ClaimStatus.CLAIMED:
-            log.info(
-                "email %s v%d: %s, dropped", message.email_id, message.version, claim.status.value
-            )
-            return Decision.ACK
-        attempt = self._deliver(claim.row, claimed_at)
-        return self._record(claim.row, claimed_at, attempt, lease_ends, pause)
+        decisions: dict[int, Decision] = {}
+        wanted: list[tuple[int, DeliveryMessage]] = []
+        for index, body in enumerate(bodies):
+            message = _decode(body)
+            known = None if message is None else self._fastpath.known_version(message.email_id)
+            if message is None:
+                decisions[index] = Decision.REJECT
+            elif known is not None and known > message.version:
+                log.debug(
+                    "email %s v%d: stale (v%d known)", message.email_id, message.version, known
+                )
+                decisions[index] = Decision.ACK
+            else:
+                wanted.append((index, message))
+        if wanted:
+            decisions.update(self._deliver_batch(wanted, pause))
+        return [decisions[index] for index in range(len(bodies))]
 
-    def _claim(self, conn: Connection, message: DeliveryMessage) -> tuple[datetime, emails.Claim]:
+    def _deliver_batch(
+        self, wanted: list[tuple[int, DeliveryMessage]], pause: Callable[[float], None]
+    ) -> dict[int, Decision]:
+        messages = [message for _, message in wanted]
+        try:
+            claimed_at, claims = transaction(self._engine, lambda conn: self._claim(conn, messages))
+        except SQLAlchemyError as exc:
+            self._log_db_error(exc, f"claim of {len(messages)} messages failed, requeueing")
+            return dict.fromkeys((index for index, _ in wanted), Decision.REQUEUE)
+        clock = _Clock(claimed_at)
+        lease_ends = clock.started + self._settings.lease_seconds
+        decisions: dict[int, Decision] = {}
+        to_send: list[tuple[int, Row[Any]]] = []
+        for (index, message), claim in zip(wanted, claims, strict=True):
+            if claim.status is ClaimStatus.GONE:
+                log.warning("dead-lettering a message for unknown email %s", message.email_id)
+                decisions[index] = Decision.REJECT
+            elif claim.row is None or claim.status is not ClaimStatus.CLAIMED:
+                log.info(
+                    "email %s v%d: %s, dropped",
+                    message.email_id,
+                    message.version,
+                    claim.status.value,
+                )
+                decisions[index] = Decision.ACK
+            else:
+                to_send.append((index, claim.row))
+        for index, row in to_send:
+            started_at = clock.now()
+            if self._smtp_down:
+                attempt = _Attempt("released", None, "not attempted: SMTP server unavailable")
+            elif time.monotonic() > lease_ends - self._send_margin:
+                attempt = _Attempt("released", None, "not attempted: lease running short")
+            else:
+                attempt = self._deliver(row, started_at)
+            done = _Done(row, started_at, clock.now(), attempt)
+            decisions[index] = self._record(done, lease_ends, pause)
+        return decisions
+
+    def _claim(
+        self, conn: Connection, messages: list[DeliveryMessage]
+    ) -> tuple[datetime, list[Claim]]:
         now = db_now(conn)
-        claim = emails.claim(
+        claims = delivery.claim_batch(
             conn,
-            message.email_id,
-            message.version,
+            messages,
             now=now,
             lease=self._lease,
             max_attempts=self._settings.max_attempts,
         )
-        return now, claim
+        return now, claims
 
     def _deliver(self, row: Row[Any], now: datetime) -> _Attempt:
         try:
@@ -143,27 +217,22 @@ class Worker:
         refused = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in result.refused.items())
         return _Attempt("sent", result.code, f"refused: {refused}" if refused else None)
 
-    def _record(
-        self,
-        row: Row[Any],
-        started_at: datetime,
-        attempt: _Attempt,
-        lease_ends: float,
-        pause: Callable[[float], None],
-    ) -> Decision:
+    def _record(self, done: _Done, lease_ends: float, pause: Callable[[float], None]) -> Decision:
         """Commit the outcome, retrying while the lease lasts; ack only after the commit."""
+        row, attempt = done.row, done.attempt
 
-        def work(conn: Connection) -> tuple[bool, emails.Outcome]:
-            finished_at = db_now(conn)
-            outcome = emails.Outcome(
+        def work(conn: Connection) -> tuple[bool, Outcome]:
+            # The database clock is read only when a retry must be scheduled by it.
+            now = done.finished_at if attempt.outcome == "sent" else db_now(conn)
+            outcome = Outcome(
                 attempt.outcome,
-                started_at=started_at,
-                finished_at=finished_at,
+                started_at=done.started_at,
+                finished_at=done.finished_at,
                 smtp_code=attempt.smtp_code,
                 error=attempt.error,
-                retry_at=self._retry_at(row, attempt, finished_at),
+                retry_at=self._retry_at(row, attempt, now),
             )
-            return emails.record(conn, row, outcome), outcome
+            return delivery.record(conn, row, outcome), outcome
 
         delay = _RECORD_RETRY_FIRST
         while True:
@@ -198,6 +267,8 @@ class Worker:
 
     def _retry_at(self, row: Row[Any], attempt: _Attempt, now: datetime) -> datetime | None:
         """When to try again after a transient error; None when attempts are spent."""
+        if attempt.outcome == "released":
+            return now + timedelta(seconds=RELEASE_DELAY_SECONDS)
         if attempt.outcome != "transient_error" or row.attempts >= self._settings.max_attempts:
             return None
         delay = retry_delay(
@@ -208,9 +279,11 @@ class Worker:
         return now + timedelta(seconds=delay)
 
     @staticmethod
-    def _log_outcome(row: Row[Any], outcome: emails.Outcome) -> None:
+    def _log_outcome(row: Row[Any], outcome: Outcome) -> None:
         if outcome.outcome == "sent":
             status = "sent"
+        elif outcome.outcome == "released":
+            status = f"released, due again at {outcome.retry_at}"
         elif outcome.retry_at is not None:
             status = f"pending, retry at {outcome.retry_at.isoformat()}"
         else:

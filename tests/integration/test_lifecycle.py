@@ -8,18 +8,36 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from services.core import emails, outbox
 from services.core.db import db_now, transaction, unit_of_work
-from services.core.emails import ClaimStatus, NewEmail, Outcome
+from services.core.delivery import Claim, ClaimStatus, Outcome, claim_batch, record
+from services.core.emails import NewEmail
+from services.core.messages import DeliveryMessage
 from services.core.schema import attempts
 from services.core.schema import emails as emails_table
 from services.core.schema import outbox as outbox_table
 
 OWNER = "f" * 32
 LEASE = timedelta(seconds=30)
+
+
+def claim(
+    conn: Connection,
+    email_id: str,
+    version: int,
+    *,
+    now: datetime,
+    lease: timedelta,
+    max_attempts: int,
+) -> Claim:
+    """A batch of one: the worker's claim for a single message."""
+    (result,) = claim_batch(
+        conn, [DeliveryMessage(email_id, version)], now=now, lease=lease, max_attempts=max_attempts
+    )
+    return result
 
 
 def new_email(send_at: datetime | None = None) -> NewEmail:
@@ -177,16 +195,14 @@ def test_reschedule_and_cancel_make_old_messages_stale(db: Engine) -> None:
     (row,) = unpublished(db, email_id)
     assert (row.version, row.fire_at) == (2, now + timedelta(minutes=5))
     with unit_of_work(db) as conn:
-        old = emails.claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
+        old = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
     assert old.status is ClaimStatus.STALE
     with unit_of_work(db) as conn:
         emails.cancel(conn, OWNER, email_id, now)
         emails.cancel(conn, OWNER, email_id, now)  # cancelling twice is fine
     assert unpublished(db, email_id) == []
     with unit_of_work(db) as conn:
-        late = emails.claim(
-            conn, email_id, 2, now=now + timedelta(minutes=6), lease=LEASE, max_attempts=5
-        )
+        late = claim(conn, email_id, 2, now=now + timedelta(minutes=6), lease=LEASE, max_attempts=5)
     assert late.status is ClaimStatus.STALE
 
 
@@ -194,7 +210,7 @@ def test_an_early_message_is_brought_back_on_time(db: Engine) -> None:
     send_at = datetime.now(UTC) + timedelta(minutes=1)
     (email_id,) = create(db, send_at=send_at)
     with unit_of_work(db) as conn:
-        result = emails.claim(conn, email_id, 1, now=datetime.now(UTC), lease=LEASE, max_attempts=5)
+        result = claim(conn, email_id, 1, now=datetime.now(UTC), lease=LEASE, max_attempts=5)
     assert result.status is ClaimStatus.EARLY
     assert email_row(db, email_id).status == "pending"
     assert sorted(r.fire_at for r in unpublished(db, email_id)) == [send_at, send_at]
@@ -209,7 +225,7 @@ def test_claim_is_decided_once_under_concurrency(db: Engine) -> None:
         for email_id in ids:
             result = transaction(
                 db,
-                lambda conn, e=email_id: emails.claim(
+                lambda conn, e=email_id: claim(
                     conn, e, 1, now=db_now(conn), lease=LEASE, max_attempts=5
                 ),
             )
@@ -231,7 +247,7 @@ def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -
     claimed = {}
     for email_id in (sent_id, retry_id, failed_id):
         with unit_of_work(db) as conn:
-            result = emails.claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
+            result = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
         assert result.status is ClaimStatus.CLAIMED
         assert result.row is not None
         claimed[email_id] = result.row
@@ -248,7 +264,7 @@ def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -
     }
     for email_id, outcome in outcomes.items():
         with unit_of_work(db) as conn:
-            assert emails.record(conn, claimed[email_id], outcome)
+            assert record(conn, claimed[email_id], outcome)
     sent, retry, failed = (email_row(db, i) for i in (sent_id, retry_id, failed_id))
 
     def versions(email_id: str) -> list[tuple[int, datetime]]:
@@ -276,21 +292,21 @@ def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: 
     (email_id,) = create(db)
     now = datetime.now(UTC)
     with unit_of_work(db) as conn:
-        first = emails.claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
+        first = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
     assert first.row is not None  # ... and this worker dies here
     with unit_of_work(db) as conn:  # the recovery row's message, before the lease ends
-        early = emails.claim(conn, email_id, 2, now=now + LEASE / 2, lease=LEASE, max_attempts=5)
+        early = claim(conn, email_id, 2, now=now + LEASE / 2, lease=LEASE, max_attempts=5)
     assert early.status is ClaimStatus.STALE
     later = now + LEASE + timedelta(seconds=1)
     with unit_of_work(db) as conn:
-        second = emails.claim(conn, email_id, 2, now=later, lease=LEASE, max_attempts=5)
+        second = claim(conn, email_id, 2, now=later, lease=LEASE, max_attempts=5)
     assert second.status is ClaimStatus.CLAIMED
     assert second.row is not None
     assert (second.row.attempts, second.row.version) == (2, 3)
     assert second.row.message_id == first.row.message_id
     with unit_of_work(db) as conn:  # the first worker wakes up: its lease is gone
-        assert not emails.record(conn, first.row, Outcome("sent", now, later, smtp_code=250))
-        assert emails.record(conn, second.row, Outcome("sent", later, later, smtp_code=250))
+        assert not record(conn, first.row, Outcome("sent", now, later, smtp_code=250))
+        assert record(conn, second.row, Outcome("sent", later, later, smtp_code=250))
     row = email_row(db, email_id)
     assert (row.status, row.attempts) == ("sent", 2)
     with db.connect() as conn:
@@ -305,13 +321,62 @@ def test_a_worker_that_keeps_dying_ends_failed(db: Engine) -> None:
     now, version = datetime.now(UTC), 1
     for _ in range(3):
         with unit_of_work(db) as conn:
-            result = emails.claim(conn, email_id, version, now=now, lease=LEASE, max_attempts=3)
+            result = claim(conn, email_id, version, now=now, lease=LEASE, max_attempts=3)
         assert result.status is ClaimStatus.CLAIMED
         assert result.row is not None
         version, now = result.row.version, now + LEASE + timedelta(seconds=1)
     with unit_of_work(db) as conn:
-        final = emails.claim(conn, email_id, version, now=now, lease=LEASE, max_attempts=3)
+        final = claim(conn, email_id, version, now=now, lease=LEASE, max_attempts=3)
     assert final.status is ClaimStatus.STALE
     row = email_row(db, email_id)
     assert row.status == "failed"
     assert "worker lost" in row.last_error
+
+
+def test_a_batch_claims_each_email_once_whatever_copies_it_holds(db: Engine) -> None:
+    first, second, cancelled = create(db, 3)
+    now = datetime.now(UTC)
+    with unit_of_work(db) as conn:
+        emails.reschedule(conn, OWNER, second, now, now)  # second is now version 2
+        emails.cancel(conn, OWNER, cancelled, now)
+    batch = [
+        DeliveryMessage(first, 1),
+        DeliveryMessage(first, 1),  # a duplicate copy in the same batch
+        DeliveryMessage(second, 1),  # stale copy first ...
+        DeliveryMessage(second, 2),  # ... then the current one
+        DeliveryMessage(cancelled, 1),
+        DeliveryMessage("00000000-0000-7000-8000-000000000000", 1),
+    ]
+    with unit_of_work(db) as conn:
+        claims = claim_batch(
+            conn, batch, now=now + timedelta(seconds=1), lease=LEASE, max_attempts=5
+        )
+    assert [c.status for c in claims] == [
+        ClaimStatus.CLAIMED,
+        ClaimStatus.STALE,
+        ClaimStatus.STALE,
+        ClaimStatus.CLAIMED,
+        ClaimStatus.STALE,
+        ClaimStatus.GONE,
+    ]
+    assert email_row(db, second).version == 3
+
+
+def test_a_released_email_is_due_again_without_using_an_attempt(db: Engine) -> None:
+    (email_id,) = create(db)
+    now = datetime.now(UTC)
+    with unit_of_work(db) as conn:
+        claimed = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
+    assert claimed.row is not None
+    retry_at = now + timedelta(seconds=1)
+    with unit_of_work(db) as conn:
+        assert record(
+            conn, claimed.row, Outcome("released", now, now, error="smtp down", retry_at=retry_at)
+        )
+    row = email_row(db, email_id)
+    assert (row.status, row.attempts, row.version, row.due_at) == ("pending", 0, 3, retry_at)
+    assert [(r.version, r.fire_at) for r in unpublished(db, email_id) if r.version > 1] == [
+        (3, retry_at)
+    ]
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(attempts)).scalar_one() == 0

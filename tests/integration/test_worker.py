@@ -30,6 +30,7 @@ from services.core.broker import (
     message_properties,
 )
 from services.core.db import create_db_engine, db_now
+from services.core.delivery import ClaimStatus, claim_batch
 from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
 from services.core.schema import attempts
@@ -303,15 +304,10 @@ def test_email_left_sending_by_a_dead_worker_comes_back(
     message = relay(db, email_id)
     # A worker claims, gets the 250, and dies before recording it.
     with db.begin() as conn:
-        claim = emails.claim(
-            conn,
-            email_id,
-            message.version,
-            now=db_now(conn),
-            lease=timedelta(seconds=1),
-            max_attempts=5,
+        (claim,) = claim_batch(
+            conn, [message], now=db_now(conn), lease=timedelta(seconds=1), max_attempts=5
         )
-    assert claim.status is emails.ClaimStatus.CLAIMED
+    assert claim.status is ClaimStatus.CLAIMED
     assert make_worker().handle(message.encode()) is Decision.ACK  # the lease holds: stale
     assert smtp_sink.handler.transactions == 0
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from services.core import emails, outbox
+from services.core import delivery, outbox
 
 
 def _die_on_call(module: Any, name: str, nth: int, when: Callable[..., bool]) -> None:
@@ -49,7 +49,7 @@ HOOKS: dict[str, Callable[[int], None]] = {
         outbox, "mark_published", nth, lambda conn, ids, now: bool(list(ids))
     ),
     "after-250": lambda nth: _die_on_call(
-        emails, "record", nth, lambda conn, row, result: result.outcome == "sent"
+        delivery, "record", nth, lambda conn, row, result: result.outcome == "sent"
     ),
 }
 

@@ -1,0 +1,264 @@
+"""The worker's side of an email's life: claim a batch of emails, record the outcomes.
+
+A broker message says "deliver email X as of version N". A worker takes a batch of
+messages and claims them with ONE conditional UPDATE: an email is claimed only if its
+version is still N, it is ``pending`` or ``queued`` and due. Claiming bumps the version
+(so every other copy of the message is stale), puts the email ``sending`` under a lease,
+stamps it with the batch's token, and writes a *recovery* outbox row due when the lease
+ends: if the worker dies before recording the outcome, that row brings the email back
+to a worker (the documented duplicate window). Recording an outcome - one transaction
+per email, so that a crash after a 250 duplicates at most that one email - deletes it.
+
+The rare paths (an early message, an email a dead worker left ``sending``, a message
+for an email that does not exist) are decided one by one in ``_claim_one``.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from services.core import outbox
+from services.core.messages import DeliveryMessage
+from services.core.schema import attempts, emails
+
+CLAIMABLE = ("pending", "queued")
+
+
+class ClaimStatus(enum.Enum):
+    CLAIMED = "claimed"  # this worker now owns the email, as version ``row.version``
+    STALE = "stale"  # cancelled, rescheduled, finished or owned by another worker: drop
+    EARLY = "early"  # the message came before due_at: a new outbox row will bring it back
+    GONE = "gone"  # no such email at all: a poison message
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    row: Row[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one SMTP attempt came to - or ``released``: not attempted at all (the SMTP
+    server was unreachable, or the lease ran short), handed back without using up an
+    attempt, due again at ``retry_at``."""
+
+    outcome: str  # "sent" | "transient_error" | "permanent_error" | "released"
+    started_at: datetime
+    finished_at: datetime
+    smtp_code: int | None = None
+    error: str | None = None
+    retry_at: datetime | None = None  # set for a transient error with attempts left
+
+
+def claim_batch(
+    conn: Connection,
+    messages: Sequence[DeliveryMessage],
+    *,
+    now: datetime,
+    lease: timedelta,
+    max_attempts: int,
+) -> list[Claim]:
+    """One claim per message, in order. Copies of one message in a batch: the first wins."""
+    if not messages:
+        return []
+    token = secrets.token_hex(8)
+    lease_until = now + lease
+    wanted = {m.email_id: m.version for m in reversed(messages)}  # the first copy wins
+    conn.execute(
+        emails.update()
+        .where(
+            emails.c.id.in_(list(wanted)),
+            emails.c.version == sa.case(wanted, value=emails.c.id),
+            emails.c.status.in_(CLAIMABLE),
+            emails.c.due_at <= now,
+        )
+        .values(
+            status="sending",
+            version=emails.c.version + 1,
+            lease_until=lease_until,
+            attempts=emails.c.attempts + 1,
+            claim_token=token,
+            updated_at=now,
+        )
+    )
+    claimed = {
+        row.id: row
+        for row in conn.execute(
+            sa.select(emails).where(emails.c.id.in_(list(wanted)), emails.c.claim_token == token)
+        )
+    }
+    outbox.add(conn, [outbox.Entry(row.id, row.version, lease_until) for row in claimed.values()])
+    results: list[Claim] = []
+    for message in messages:
+        row = claimed.pop(message.email_id, None)
+        if row is not None and row.version == message.version + 1:
+            results.append(Claim(ClaimStatus.CLAIMED, row))
+        else:
+            results.append(
+                _claim_one(
+                    conn,
+                    message,
+                    now=now,
+                    lease_until=lease_until,
+                    token=token,
+                    max_attempts=max_attempts,
+                )
+            )
+    return results
+
+
+def _claim_one(
+    conn: Connection,
+    message: DeliveryMessage,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    token: str,
+    max_attempts: int,
+) -> Claim:
+    """The rare paths: an email a dead worker left ``sending``, an early or stale message."""
+    email_id, version = message.email_id, message.version
+    row = conn.execute(sa.select(emails).where(emails.c.id == email_id).with_for_update()).first()
+    if row is None:
+        return Claim(ClaimStatus.GONE)
+    abandoned = row.status == "sending" and row.lease_until is not None and row.lease_until <= now
+    if row.version != version or not (row.status in CLAIMABLE or abandoned):
+        return Claim(ClaimStatus.STALE, row)
+    if row.status in CLAIMABLE and row.due_at > now:  # not due yet: bring it back on time
+        outbox.add(conn, [outbox.Entry(email_id, version, row.due_at)])
+        return Claim(ClaimStatus.EARLY, row)
+    if row.status in CLAIMABLE:  # due, but the batch UPDATE held another copy's version
+        return _take(conn, row, now=now, lease_until=lease_until, token=token)
+    # A worker claimed this email and vanished before recording the outcome. The SMTP
+    # server may or may not have the message: this is the documented duplicate window.
+    _insert_attempts(
+        conn,
+        [
+            (
+                row,
+                Outcome(
+                    "transient_error",
+                    started_at=row.updated_at,
+                    finished_at=now,
+                    error="worker lost during delivery; outcome unknown",
+                ),
+            )
+        ],
+    )
+    if row.attempts >= max_attempts:
+        conn.execute(
+            emails.update()
+            .where(emails.c.id == email_id)
+            .values(
+                status="failed",
+                version=version + 1,
+                lease_until=None,
+                updated_at=now,
+                last_error=f"worker lost during delivery {row.attempts} times",
+            )
+        )
+        return Claim(ClaimStatus.STALE, row)
+    return _take(
+        conn,
+        row,
+        now=now,
+        lease_until=lease_until,
+        token=token,
+        last_error="previous attempt interrupted; re-sending",
+    )
+
+
+def _take(
+    conn: Connection,
+    row: Row[Any],
+    *,
+    now: datetime,
+    lease_until: datetime,
+    token: str,
+    last_error: str | None = None,
+) -> Claim:
+    """Claim one email already locked by the caller (``SELECT ... FOR UPDATE``)."""
+    values: dict[str, Any] = {
+        "status": "sending",
+        "version": row.version + 1,
+        "lease_until": lease_until,
+        "attempts": row.attempts + 1,
+        "claim_token": token,
+        "updated_at": now,
+    }
+    if last_error is not None:
+        values["last_error"] = last_error
+    conn.execute(emails.update().where(emails.c.id == row.id).values(**values))
+    outbox.add(conn, [outbox.Entry(row.id, row.version + 1, lease_until)])
+    return Claim(
+        ClaimStatus.CLAIMED, conn.execute(sa.select(emails).where(emails.c.id == row.id)).one()
+    )
+
+
+def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
+    """Record one attempt and the email's new status; drop its recovery outbox row.
+
+    One email per transaction, on purpose: between the SMTP server's 250 and this commit
+    a crash duplicates the email, and recording each send at once keeps that window to
+    one email. ``row`` is the email as claimed. An email whose lease ran out meanwhile
+    (another worker took it up: its version moved on) is left alone and False returned;
+    the recovery path has already recorded that attempt as "outcome unknown".
+    """
+    values: dict[str, Any] = {"lease_until": None, "updated_at": result.finished_at}
+    if result.outcome == "sent":
+        values.update(status="sent", sent_at=result.finished_at, last_error=None)
+    else:
+        values["last_error"] = _describe(result)
+        if result.retry_at is not None:
+            values.update(status="pending", version=row.version + 1, due_at=result.retry_at)
+        else:
+            values["status"] = "failed"
+        if result.outcome == "released":
+            values["attempts"] = row.attempts - 1
+    owned = conn.execute(
+        emails.update()
+        .where(emails.c.id == row.id, emails.c.version == row.version, emails.c.status == "sending")
+        .values(**values)
+    ).rowcount
+    if not owned:
+        return False
+    if result.outcome != "released":
+        _insert_attempts(conn, [(row, result)])
+    outbox.discard_pending(conn, row.id, row.version)
+    if result.outcome != "sent" and result.retry_at is not None:
+        outbox.add(conn, [outbox.Entry(row.id, row.version + 1, result.retry_at)])
+    return True
+
+
+def _describe(result: Outcome) -> str:
+    text = result.error or result.outcome
+    return (f"{result.smtp_code} {text}" if result.smtp_code else text)[:2000]
+
+
+def _insert_attempts(conn: Connection, results: Sequence[tuple[Row[Any], Outcome]]) -> None:
+    if not results:
+        return
+    conn.execute(
+        attempts.insert(),
+        [
+            {
+                "email_id": row.id,
+                "number": row.attempts,
+                "started_at": result.started_at,
+                "finished_at": result.finished_at,
+                "outcome": result.outcome,
+                "smtp_code": result.smtp_code,
+                "error": None if result.error is None else result.error[:2000],
+            }
+            for row, result in results
+        ],
+    )
