@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 # against the services on loopback.
 DOCKER_OK = docker compose version >/dev/null 2>&1 && timeout 10 docker info >/dev/null 2>&1
 
-.PHONY: help install up down migrate test test-fast lint logs clean
+.PHONY: help install up down migrate test test-fast faults lint logs clean bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' \
@@ -47,6 +47,21 @@ test: install ## run every test (unit, integration, e2e)
 
 test-fast: install ## run the tests not marked slow
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The fault suite at larger sizes (FAULT_SCALE multiplies the email counts and outage
+# lengths); one ledger row per scenario at the end, and in .run/faults-ledger.jsonl.
+FAULT_SCALE ?= 5
+faults: install ## the fault-injection suite at larger sizes, printing the delivery ledger
+	@mkdir -p $(RUN) && rm -f $(RUN)/faults-ledger.jsonl
+	FAULT_SCALE=$(FAULT_SCALE) $(BIN)/pytest tests/faults -p no:cacheprovider --timeout 1800 $(PYTEST_ARGS)
+
+# Real services on loopback (BENCH_DATABASE_URL / BENCH_RABBITMQ_URL / BENCH_REDIS_URL
+# override them); its own database and queues, removed afterwards. BENCH_ARGS=--quick
+# for a short smoke run. Table on stdout, figures in bench/results/<UTC time>.json.
+BENCH_ARGS ?=
+bench: install ## measure the pipeline against this machine's limits and Celery (~15 min)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install ## ruff (lint + format check), mypy, import contracts; reports all four
 	@status=0

@@ -1,0 +1,1 @@
+"""`make bench`: the pipeline against this machine's limits and against Celery."""

@@ -1,0 +1,357 @@
+"""What every bench section shares: the run's names, settings, timing, stats, progress,
+database/queue helpers and the real processes (``tests.support.stack``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.api.deps import fingerprint
+from services.core import emails
+from services.core.broker import connection_parameters, dead_letter_queue
+from services.core.db import create_db_engine
+from services.core.emails import NewEmail
+from services.core.migrate import migrate
+from services.core.schema import metadata
+from services.core.settings import Settings
+from tests.support.smtp_sink import SmtpSink
+from tests.support.stack import Process, Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RUN_ID = secrets.token_hex(4)
+API_KEY = "bench-" + secrets.token_hex(16)
+OWNER = fingerprint(API_KEY)
+MAIL_FROM = "bench@example.com"
+BODY_TEXT = "Hello from the emailsched benchmark. " * 6  # ~220 bytes, like a short notice
+
+SERVER_URL = os.environ.get("BENCH_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306")
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+_START = time.monotonic()
+
+
+def progress(section: str, message: str) -> None:
+    """One progress line on stderr: elapsed time, section, what is happening."""
+    elapsed = time.monotonic() - _START
+    sys.stderr.write(
+        f"[bench {int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {section}: {message}\n"
+    )
+    sys.stderr.flush()
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Median with min/max of the runs, and the runs themselves."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "runs": vals,
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sample."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    """p50/p99/max in milliseconds of one sample."""
+    if not seconds:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "n": len(seconds),
+        "p50_ms": percentile(seconds, 50) * 1000,
+        "p99_ms": percentile(seconds, 99) * 1000,
+        "max_ms": max(seconds) * 1000,
+    }
+
+
+# --- the run's own database, queues and settings ----------------------------------------
+
+
+@dataclass
+class BenchEnv:
+    quick: bool
+    workdir: Path
+    db_name: str = field(default_factory=lambda: f"emailsched_bench_{RUN_ID}")
+    queues: list[str] = field(default_factory=list)
+    sink: SmtpSink | None = None
+    _engine: Engine | None = None
+
+    @property
+    def database_url(self) -> str:
+        return f"{SERVER_URL}/{self.db_name}"
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_db_engine(self.database_url, pool_size=8)
+        return self._engine
+
+    def setup(self) -> None:
+        migrate(self.database_url)
+        self.sink = SmtpSink()
+        self.sink.__enter__()
+
+    def queue(self, purpose: str) -> str:
+        name = f"emails_bench_{RUN_ID}_{purpose}"
+        self.queues.append(name)
+        return name
+
+    @property
+    def smtp(self) -> SmtpSink:
+        if self.sink is None:
+            raise RuntimeError("BenchEnv.setup() has not run")
+        return self.sink
+
+    def settings(self, queue: str, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": self.database_url,
+            "rabbitmq_url": RABBITMQ_URL,
+            "redis_url": REDIS_URL,
+            "email_queue": queue,
+            "smtp_host": self.smtp.host,
+            "smtp_port": self.smtp.port,
+            "mail_from": MAIL_FROM,
+            "api_keys": API_KEY,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    def truncate(self) -> None:
+        with self.engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(sa.text(f"TRUNCATE TABLE `{table.name}`"))
+
+    def teardown(self) -> None:
+        if self.sink is not None:
+            self.sink.__exit__(None, None, None)
+        if self._engine is not None:
+            self._engine.dispose()
+        server = create_db_engine(SERVER_URL + "/")
+        with server.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{self.db_name}`"))
+        server.dispose()
+        delete_queues(self.queues)
+        clear_redis(self.queues)
+
+
+def delete_queues(names: Iterable[str]) -> None:
+    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in names:
+            for queue in (name, dead_letter_queue(name)):
+                channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def clear_redis(namespaces: Iterable[str]) -> None:
+    import redis  # noqa: PLC0415
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for name in namespaces:
+            keys = list(client.scan_iter(f"emailsched:{name}:*"))
+            if keys:
+                client.delete(*keys)
+    finally:
+        client.close()
+
+
+def queue_depth(channel: Any, name: str) -> int:
+    """Messages ready in ``name`` (a passive declare)."""
+    return int(channel.queue_declare(name, passive=True).method.message_count)
+
+
+# --- emails ------------------------------------------------------------------------------
+
+
+def new_email(send_at: datetime | None, index: int = 0) -> NewEmail:
+    return NewEmail(
+        to=[f"rcpt{index % 1000}@example.com"],
+        from_addr=MAIL_FROM,
+        subject="Benchmark notice",
+        send_at=send_at,
+        text=BODY_TEXT,
+    )
+
+
+def insert_emails(
+    engine: Engine,
+    send_ats: Sequence[datetime],
+    *,
+    per_tx: int = 1000,
+    threads: int = 4,
+) -> list[str]:
+    """Schedule emails straight into MySQL with ``emails.create`` in big transactions."""
+    chunks = [send_ats[i : i + per_tx] for i in range(0, len(send_ats), per_tx)]
+
+    def work(chunk: Sequence[datetime]) -> list[str]:
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            return emails.create(conn, OWNER, [new_email(s, i) for i, s in enumerate(chunk)], now)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [email_id for ids in pool.map(work, chunks) for email_id in ids]
+
+
+def bulk_future_rows(engine: Engine, count: int, start: datetime, spread: timedelta) -> None:
+    """``count`` scheduled emails + outbox rows with INSERT ... SELECT from MariaDB's
+    sequence engine (setup speed only: the same columns ``emails.create`` writes)."""
+    step_us = max(1, int(spread.total_seconds() * 1_000_000 / count))
+    base = start.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    chunk = 250_000
+    for offset in range(0, count, chunk):
+        n = min(chunk, count - offset)
+        lo, hi = offset + 1, offset + n
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO emails (id, owner, status, version, send_at, due_at, from_addr,"  # noqa: S608 (only integers formatted in)
+                    " to_addrs, cc_addrs, bcc_addrs, subject, text_body, headers, metadata,"
+                    " message_id, attempts, created_at, updated_at)"
+                    " SELECT CONCAT('bulk-', :run, '-', LPAD(seq, 20, '0')), :owner, 'pending', 1,"
+                    " TIMESTAMPADD(MICROSECOND, seq * :step, :base),"
+                    " TIMESTAMPADD(MICROSECOND, seq * :step, :base), :sender,"
+                    " '[\"rcpt@example.com\"]', '[]', '[]', 'Benchmark notice', :body, '{}', '{}',"
+                    " CONCAT('<bulk-', seq, '@example.com>'), 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)"
+                    f" FROM seq_{lo}_to_{hi}"
+                ),
+                {
+                    "run": RUN_ID,
+                    "owner": OWNER,
+                    "step": step_us,
+                    "base": base,
+                    "sender": MAIL_FROM,
+                    "body": BODY_TEXT,
+                },
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox (email_id, version, fire_at, available_at)"  # noqa: S608 (only integers formatted in)
+                    " SELECT CONCAT('bulk-', :run, '-', LPAD(seq, 20, '0')), 1,"
+                    " TIMESTAMPADD(MICROSECOND, seq * :step, :base),"
+                    " TIMESTAMPADD(MICROSECOND, seq * :step, :base)"
+                    f" FROM seq_{lo}_to_{hi}"
+                ),
+                {"run": RUN_ID, "step": step_us, "base": base},
+            )
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def wait_for_log(process: Process, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in process.log():
+            return
+        if not process.alive():
+            raise RuntimeError(f"{process.kind} exited:\n{process.log()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{process.kind} did not log {text!r} in {timeout}s:\n{process.log()[-3000:]}"
+    )
+
+
+def start_relay(stack: Stack) -> Process:
+    process = stack.start("relay")
+    wait_for_log(process, "rabbitmq connected")
+    wait_for_log(process, "relay ")
+    return process
+
+
+def start_worker(stack: Stack) -> Process:
+    process = stack.start("worker")
+    wait_for_log(process, "consuming from")
+    return process
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def broker_pid() -> int | None:
+    """RabbitMQ's beam.smp on this machine, to read (never signal) its RSS."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    cmdline = (entry / "cmdline").read_bytes()
+                    if b"rabbit" in cmdline:
+                        return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+class Ticker:
+    """Prints a progress line every few seconds from a thread while a long step runs."""
+
+    def __init__(self, section: str, describe: Callable[[], str], every: float = 5.0) -> None:
+        self._section, self._describe, self._every = section, describe, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            progress(self._section, self._describe())
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

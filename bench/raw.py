@@ -1,0 +1,280 @@
+"""Raw limits of the parts, with the drivers the services use, on the same tables, the
+same quorum queue arguments, the same message body and the same SMTP sink.
+
+- MySQL: ``emails.create`` (email row + outbox row) per transaction through SQLAlchemy +
+  PyMySQL, from 1 and 8 clients, and 100 emails per transaction from 8 clients. One
+  client = one OS process (spawned once, reused across runs), so the figure is the
+  database's ceiling with this driver, not one Python process's GIL.
+- RabbitMQ: persistent publishes of a ``DeliveryMessage`` to a quorum queue declared with
+  ``services.core.broker.queue_arguments``: waiting for each confirm (BlockingConnection)
+  and with ~1000 confirms outstanding (SelectConnection); consume + ack with the
+  worker's prefetch (50).
+- SMTP: smtplib to the bench's aiosmtpd sink, the worker's message shape, over one reused
+  connection per client process, 1 and 2 connections (the worker counts measured).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import smtplib
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+import pika
+from pika.spec import Basic
+
+from bench.common import (
+    OWNER,
+    RABBITMQ_URL,
+    BenchEnv,
+    new_email,
+    progress,
+    queue_depth,
+    summary,
+)
+from services.core import emails
+from services.core.broker import connection_parameters, declare_topology, message_properties
+from services.core.db import create_db_engine
+from services.core.ids import new_id
+from services.core.messages import DeliveryMessage
+
+SECTION = "raw"
+
+
+# --- helpers run in client processes ------------------------------------------------------
+
+
+def _warm() -> None:
+    time.sleep(0.3)
+
+
+def _mysql_client(url: str, per_tx: int, start_at: float, end_at: float) -> int:
+    engine = create_db_engine(url, pool_size=1)
+    items = [new_email(datetime.now(UTC) + timedelta(days=1), i) for i in range(per_tx)]
+    with engine.connect() as conn:  # connect before the clock starts
+        conn.exec_driver_sql("SELECT 1")
+    done = 0
+    while time.monotonic() < start_at:
+        time.sleep(0.001)
+    while time.monotonic() < end_at:
+        with engine.begin() as conn:
+            emails.create(conn, OWNER, items, datetime.now(UTC))
+        done += per_tx
+    engine.dispose()
+    return done
+
+
+def smtp_message(index: int) -> EmailMessage:
+    """The shape the worker sends: the same headers and a body of the same size."""
+    email_id = new_id()
+    message = EmailMessage()
+    message["From"] = "bench@example.com"
+    message["To"] = f"rcpt{index % 1000}@example.com"
+    message["Subject"] = "Benchmark notice"
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Message-ID"] = f"<{email_id}@example.com>"
+    message["X-Email-Id"] = email_id
+    message.set_content("Hello from the emailsched benchmark. " * 6)
+    return message
+
+
+def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> int:
+    conn = smtplib.SMTP(host, port, timeout=30)
+    conn.ehlo()
+    done = 0
+    while time.monotonic() < start_at:
+        time.sleep(0.001)
+    while time.monotonic() < end_at:
+        message = smtp_message(done)
+        conn.send_message(message, "bench@example.com", [str(message["To"])])
+        done += 1
+    conn.quit()
+    return done
+
+
+def run_clients(
+    pool: ProcessPoolExecutor, clients: int, duration: float, target: Callable[..., int], *args: Any
+) -> float:
+    """``clients`` processes run ``target`` for ``duration`` seconds; the summed rate/s."""
+    start_at = time.monotonic() + 1.0
+    futures = [pool.submit(target, *args, start_at, start_at + duration) for _ in range(clients)]
+    return sum(f.result() for f in futures) / duration
+
+
+def spawn_pool(size: int) -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
+    for f in [pool.submit(_warm) for _ in range(size)]:
+        f.result()
+    return pool
+
+
+# --- RabbitMQ ------------------------------------------------------------------------------
+
+
+def publish_confirm_each(queue: str, duration: float) -> float:
+    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        declare_topology(channel, queue)
+        channel.confirm_delivery()
+        done = 0
+        start = time.monotonic()
+        end = start + duration
+        while time.monotonic() < end:
+            message = DeliveryMessage(new_id(), 1)
+            channel.basic_publish(
+                "", queue, message.encode(), message_properties(message.message_id), mandatory=True
+            )
+            done += 1
+        rate = done / (time.monotonic() - start)
+        channel.queue_purge(queue)
+        return rate
+    finally:
+        connection.close()
+
+
+def publish_windowed(queue: str, total: int, window: int = 1000) -> float:
+    """Publish ``total`` messages keeping up to ``window`` confirms outstanding."""
+    state: dict[str, Any] = {"sent": 0, "acked": 0, "start": 0.0, "end": 0.0}
+    connection: pika.SelectConnection | None = None
+    messages = [DeliveryMessage(new_id(), 1) for _ in range(total)]
+
+    def pump(channel: Any) -> None:
+        while state["sent"] < total and state["sent"] - state["acked"] < window:
+            message = messages[state["sent"]]
+            channel.basic_publish(
+                "", queue, message.encode(), message_properties(message.message_id), mandatory=True
+            )
+            state["sent"] += 1
+
+    def on_confirm(frame: Any) -> None:
+        method = frame.method
+        if not isinstance(method, Basic.Ack):
+            raise RuntimeError("nacked")
+        state["acked"] = method.delivery_tag if method.multiple else state["acked"] + 1
+        if state["acked"] >= total:
+            state["end"] = time.monotonic()
+            if connection is not None:
+                connection.close()
+            return
+        pump(channel_ref[0])
+
+    channel_ref: list[Any] = []
+
+    def on_declared(_frame: Any) -> None:
+        state["start"] = time.monotonic()
+        pump(channel_ref[0])
+
+    def on_channel(channel: Any) -> None:
+        channel_ref.append(channel)
+        channel.confirm_delivery(
+            ack_nack_callback=on_confirm,
+            callback=lambda _f: channel.queue_declare(
+                queue,
+                durable=True,
+                arguments=_queue_args(queue),
+                callback=on_declared,
+            ),
+        )
+
+    def on_open(conn: Any) -> None:
+        conn.channel(on_open_callback=on_channel)
+
+    connection = pika.SelectConnection(
+        connection_parameters(RABBITMQ_URL),
+        on_open_callback=on_open,
+        on_close_callback=lambda _c, _r: connection.ioloop.stop() if connection else None,
+    )
+    connection.ioloop.start()
+    return float(total / (state["end"] - state["start"]))
+
+
+def _queue_args(queue: str) -> dict[str, Any]:
+    from services.core.broker import queue_arguments  # noqa: PLC0415
+
+    return queue_arguments(queue)
+
+
+def consume_ack(queue: str, prefetch: int = 50) -> float:
+    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        total = queue_depth(channel, queue)
+        channel.basic_qos(prefetch_count=prefetch)
+        done = 0
+        start = time.monotonic()
+        for method, _props, _body in channel.consume(queue, inactivity_timeout=2):
+            if method is None:
+                break
+            channel.basic_ack(method.delivery_tag)
+            done += 1
+            if done >= total:
+                break
+        elapsed = time.monotonic() - start
+        channel.cancel()
+        return done / elapsed
+    finally:
+        connection.close()
+
+
+def run(env: BenchEnv, results: dict[str, Any]) -> None:
+    quick = env.quick
+    reps = 3
+    duration = 1.0 if quick else 2.0
+    raw: dict[str, Any] = results.setdefault("raw", {})
+
+    # MySQL
+    for clients, per_tx, key in (
+        (1, 1, "mysql_tx_1"),
+        (8, 1, "mysql_tx_8"),
+        (8, 100, "mysql_100_8"),
+    ):
+        pool = spawn_pool(clients)
+        runs = []
+        for rep in range(reps):
+            progress(
+                SECTION, f"MySQL insert {clients} client(s), {per_tx}/tx, run {rep + 1}/{reps}"
+            )
+            runs.append(
+                run_clients(pool, clients, duration, _mysql_client, env.database_url, per_tx)
+            )
+        pool.shutdown()
+        unit = "emails/s" if per_tx > 1 else "tx/s"
+        raw[key] = {**summary(runs), "unit": unit, "clients": clients, "per_tx": per_tx}
+    env.truncate()
+
+    # RabbitMQ
+    queue = env.queue("raw")
+    total = 5000 if quick else 20000
+    measures: tuple[tuple[str, Callable[[], float]], ...] = (
+        ("rabbit_confirm_each", lambda: publish_confirm_each(queue, duration)),
+        ("rabbit_windowed", lambda: publish_windowed(queue, total)),
+    )
+    for name, measure in measures:
+        runs = []
+        for rep in range(reps):
+            progress(SECTION, f"{name} run {rep + 1}/{reps}")
+            runs.append(measure())
+            if name == "rabbit_windowed":
+                consumed = consume_ack(queue)
+                raw.setdefault("_consume", []).append(consumed)
+        raw[name] = {**summary(runs), "unit": "msg/s"}
+    raw["rabbit_consume_ack_prefetch50"] = {**summary(raw.pop("_consume")), "unit": "msg/s"}
+
+    # SMTP
+    for conns in (1, 2):
+        pool = spawn_pool(conns)
+        runs = []
+        for rep in range(reps):
+            progress(SECTION, f"SMTP {conns} reused connection(s) run {rep + 1}/{reps}")
+            runs.append(
+                run_clients(pool, conns, duration, _smtp_client, env.smtp.host, env.smtp.port)
+            )
+        pool.shutdown()
+        raw[f"smtp_{conns}conn"] = {**summary(runs), "unit": "msg/s", "connections": conns}
+    env.smtp.handler.received.clear()

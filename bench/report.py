@@ -1,0 +1,274 @@
+"""Ratios against the targets of issue 4, the Markdown table, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _med(results: dict[str, Any], *path: str) -> float | None:
+    value = _get(results, *path)
+    if isinstance(value, dict):
+        value = value.get("median")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: PLR0915
+    """Every target row: figure, measured value, target, met (None = not measured)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(figure: str, value: float | None, target: str, ok: bool | None, detail: str) -> None:
+        rows.append(
+            {"figure": figure, "value": value, "target": target, "met": ok, "detail": detail}
+        )
+
+    def at_least(figure: str, value: float | None, bound: float, detail: str) -> None:
+        add(figure, value, f">= {bound:g}", None if value is None else value >= bound, detail)
+
+    def at_most(figure: str, value: float | None, bound: float, detail: str) -> None:
+        add(figure, value, f"<= {bound:g}", None if value is None else value <= bound, detail)
+
+    for c in (1, 8):
+        api = _med(results, "api", f"create_c{c}", "req_per_s")
+        raw = _med(results, "raw", f"mysql_tx_{c}")
+        at_least(
+            f"API create / raw insert tx, {c} client(s)",
+            _ratio(api, raw),
+            0.7,
+            f"{_fmt(api)} req/s / {_fmt(raw)} tx/s",
+        )
+    batch = _med(results, "api", "batch100_c8", "emails_per_s")
+    raw100 = _med(results, "raw", "mysql_100_8")
+    at_least(
+        "batch emails/s / raw 100-per-tx emails/s (8 clients)",
+        _ratio(batch, raw100),
+        0.7,
+        f"{_fmt(batch)} / {_fmt(raw100)}",
+    )
+    windowed = _med(results, "raw", "rabbit_windowed")
+    each = _med(results, "raw", "rabbit_confirm_each")
+    for n in (1, 2):
+        relay = _med(results, "relay", f"relays_{n}", "rows_per_s")
+        at_least(
+            f"relay rows/s ({n} relay) / raw windowed-confirm publishes/s",
+            _ratio(relay, windowed),
+            0.5,
+            f"{_fmt(relay)} / {_fmt(windowed)}",
+        )
+        at_least(
+            f"relay rows/s ({n} relay) / confirm-one-at-a-time publishes/s",
+            _ratio(relay, each),
+            5,
+            f"{_fmt(relay)} / {_fmt(each)}",
+        )
+    for n in (1, 2):
+        worker = _med(results, "worker", f"workers_{n}", "deliveries_per_s")
+        smtp = _med(results, "raw", f"smtp_{n}conn")
+        at_least(
+            f"worker deliveries/s ({n} proc) / raw SMTP msgs/s ({n} conn)",
+            _ratio(worker, smtp),
+            0.7,
+            f"{_fmt(worker)} / {_fmt(smtp)}",
+        )
+    ours = _get(results, "pipeline", "ontime") or {}
+    peer = _get(results, "celery", "ontime") or {}
+    at_most("on-time 100/s: lateness p99 (ms)", ours.get("p99_ms"), 100, "")
+    at_most("on-time 100/s: lateness max (ms)", ours.get("max_ms"), 1000, "")
+    early = ours.get("early")
+    add(
+        "on-time 100/s: early deliveries",
+        early,
+        "== 0",
+        None if early is None else early == 0,
+        f"missing {ours.get('missing')}",
+    )
+    at_most(
+        "on-time p99 / Celery p99",
+        _ratio(ours.get("p99_ms"), peer.get("p99_ms")),
+        1.0,
+        f"{_fmt(ours.get('p99_ms'))} ms vs Celery {_fmt(peer.get('p99_ms'))} ms",
+    )
+    bursts = sorted(
+        int(k.split("_")[1]) for k in (_get(results, "pipeline") or {}) if k.startswith("burst_")
+    )
+    for n in bursts:
+        ours_b = _get(results, "pipeline", f"burst_{n}") or {}
+        peer_b = _get(results, "celery", f"burst_{n}") or {}
+        last, peer_last = ours_b.get("last_after_send_at_s"), peer_b.get("last_after_send_at_s")
+        bound = 3.0 if n <= 5000 else 15.0
+        at_most(
+            f"burst {n}: last arrival after send_at (s)",
+            last,
+            bound,
+            f"{_cut(ours_b)}Celery {_cut(peer_b)}{_fmt(peer_last, 1)} s",
+        )
+        if ours_b.get("cut_off") and peer_b.get("cut_off"):
+            # both cut off: compare how many had arrived by the cut-off instead
+            got, peer_got = ours_b.get("arrived") or 0, peer_b.get("arrived") or 0
+            ratio = _ratio(float(peer_got), float(got)) if got else None
+            at_most(
+                f"burst {n}: ours / Celery's (both cut off: Celery arrived / ours arrived)",
+                ratio if got else float("inf"),
+                1.0,
+                f"{got} vs Celery {peer_got} by the cut-off",
+            )
+        elif ours_b.get("cut_off") and peer_last is not None:
+            add(
+                f"burst {n}: ours / Celery's last arrival",
+                None,
+                "<= 1",
+                False,
+                f"ours cut off, Celery done in {_fmt(peer_last, 1)} s",
+            )
+        else:
+            at_most(f"burst {n}: ours / Celery's last arrival", _ratio(last, peer_last), 1.0, "")
+    none = _med(results, "scale", "poll_none", "median_ms")
+    future = _med(results, "scale", "poll_future", "median_ms")
+    trap = _med(results, "scale", "poll_future_open_tx", "median_ms")
+    at_most(
+        "empty poll: 1M future rows / none",
+        _ratio(future, none),
+        2.0,
+        f"{_fmt(future, 3)} ms / {_fmt(none, 3)} ms",
+    )
+    at_most(
+        "empty poll: 1M future + drain under open snapshot / none",
+        _ratio(trap, none),
+        2.0,
+        f"{_fmt(trap, 3)} ms / {_fmt(none, 3)} ms",
+    )
+    rss = _get(results, "scale", "rss") or {}
+    before, after = rss.get("none_kib") or {}, rss.get("scheduled_kib") or {}
+    b = (before.get("relay") or 0) + (before.get("worker") or 0)
+    a = (after.get("relay") or 0) + (after.get("worker") or 0)
+    at_most(
+        f"relay+worker RSS, {rss.get('scheduled')} scheduled / none",
+        _ratio(a or None, b or None),
+        1.1,
+        f"{a} KiB / {b} KiB",
+    )
+    return rows
+
+
+def _cut(burst: dict[str, Any]) -> str:
+    if not burst.get("cut_off"):
+        return ""
+    return (
+        f"cut off with {burst.get('arrived')}/{burst.get('n', 0) + burst.get('missing', 0)} in: >= "
+    )
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if digits or abs(value) >= 10 else f"{value:,.2f}"
+    return str(value)
+
+
+def _spread(node: Any, digits: int = 0) -> str:
+    if isinstance(node, dict) and "median" in node:
+        return (
+            f"{_fmt(node['median'], digits)} "
+            f"({_fmt(node['min'], digits)}-{_fmt(node['max'], digits)})"
+        )
+    return _fmt(node, digits)
+
+
+def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
+    lines = [
+        "## Measurements (median (min-max) of the runs)",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    raw = results.get("raw", {})
+    for key, node in raw.items():
+        lines.append(f"| raw {key} ({node.get('unit', '')}) | {_spread(node)} |")
+    for key, node in results.get("api", {}).items():
+        if not isinstance(node, dict):
+            lines.append(f"| api {key} | {_fmt(node)} |")
+            continue
+        parts = [
+            f"{k} {_spread(v, 1 if 'ms' in k else 0)}"
+            for k, v in node.items()
+            if isinstance(v, dict)
+        ]
+        lines.append(f"| api {key} | {'; '.join(parts)} |")
+    for section in ("relay", "worker"):
+        for key, node in results.get(section, {}).items():
+            if isinstance(node, dict):
+                parts = [f"{k} {_spread(v)}" for k, v in node.items()]
+                lines.append(f"| {section} {key} | {'; '.join(parts)} |")
+    for who in ("pipeline", "celery"):
+        for key, node in results.get(who, {}).items():
+            if isinstance(node, dict) and ("p99_ms" in node):
+                lines.append(
+                    f"| {who} {key} | n {node.get('n')}, p50 {_fmt(node.get('p50_ms'), 1)} ms, "
+                    f"p99 {_fmt(node.get('p99_ms'), 1)} ms, max {_fmt(node.get('max_ms'), 1)} ms"
+                    f", early {node.get('early')}, missing {node.get('missing')}"
+                    + (
+                        f", last {_fmt(node.get('last_after_send_at_s'), 2)} s"
+                        if "last_after_send_at_s" in node
+                        else ""
+                    )
+                    + " |"
+                )
+        if who == "celery" and "rss" in results.get(who, {}):
+            rss = results[who]["rss"]
+            lines.append(
+                f"| celery worker RSS, none / {rss['scheduled']} ETA tasks | "
+                f"{rss['none']} / {rss['scheduled_kib']} KiB (apply_async "
+                f"{_fmt(rss['apply_async_per_s'])}/s) |"
+            )
+    scale = results.get("scale", {})
+    for key in ("poll_none", "poll_future", "poll_future_open_tx", "poll_future_after_purge"):
+        if key in scale:
+            lines.append(
+                f"| empty poll {key} (ms) | median {_spread(scale[key]['median_ms'], 3)}; "
+                f"p99 {_spread(scale[key]['p99_ms'], 3)} |"
+            )
+    if "rss" in scale:
+        lines.append(
+            f"| RSS KiB, none / {scale['rss']['scheduled']} scheduled | "
+            f"{scale['rss']['none_kib']} / {scale['rss']['scheduled_kib']} |"
+        )
+    lines += [
+        "",
+        "## Targets (ratios from this run)",
+        "",
+        "| figure | measured | target | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in results.get("targets", []):
+        mark = {True: "met", False: "NOT met", None: "not measured"}[row["met"]]
+        detail = f" ({row['detail']})" if row["detail"] else ""
+        lines.append(
+            f"| {row['figure']} | {_fmt(row['value'], 2)}{detail} | {row['target']} | {mark} |"
+        )
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"{stamp}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return path
