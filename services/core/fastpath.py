@@ -79,19 +79,24 @@ class FastPath:
                 time.sleep(timeout)
                 yield False
 
-    def known_version(self, email_id: str) -> int | None:
+    def known_versions(self, email_ids: list[str]) -> dict[str, int]:
+        """The versions remembered for these emails (one round trip); absent ones left out."""
         client = self._usable()
-        if client is None:
-            return None
+        if client is None or not email_ids:
+            return {}
         try:
-            value = client.get(self._prefix + "v:" + email_id)
+            values = client.mget([self._prefix + "v:" + email_id for email_id in email_ids])
         except redis.RedisError as exc:
             self._warn(exc)
-            return None
-        try:
-            return int(value) if isinstance(value, bytes | str) else None
-        except ValueError:
-            return None
+            return {}
+        known: dict[str, int] = {}
+        for email_id, value in zip(email_ids, values, strict=True):
+            try:
+                if isinstance(value, bytes | str):
+                    known[email_id] = int(value)
+            except ValueError:
+                continue
+        return known
 
     def remember_versions(self, versions: dict[str, int]) -> None:
         client = self._usable()

@@ -59,7 +59,7 @@ def listen_for_wakeups(
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level)
-    engine = create_db_engine(settings.database_url.get_secret_value())
+    engine = create_db_engine(settings.database_url.get_secret_value(), pre_ping=False)
     publisher = Publisher(
         settings.rabbitmq_url.get_secret_value(),
         settings.email_queue,

@@ -110,6 +110,7 @@ class Worker:
         # Start no send when less than this is left of the lease: it might outlive it.
         self._send_margin = min(settings.lease_seconds / 2, 2 * settings.smtp_timeout)
         self._smtp_down = False
+        self._learned: dict[str, int] = {}  # versions recorded in this batch, for Redis
 
     @property
     def smtp_down(self) -> bool:
@@ -137,21 +138,21 @@ class Worker:
         the record while MySQL is away; the consumer passes one that keeps servicing the
         broker connection (heartbeats), so a long retry does not cost it the connection."""
         decisions: dict[int, Decision] = {}
+        decoded = [(index, _decode(body)) for index, body in enumerate(bodies)]
+        known = self._fastpath.known_versions([m.email_id for _, m in decoded if m is not None])
         wanted: list[tuple[int, DeliveryMessage]] = []
-        for index, body in enumerate(bodies):
-            message = _decode(body)
-            known = None if message is None else self._fastpath.known_version(message.email_id)
+        for index, message in decoded:
             if message is None:
                 decisions[index] = Decision.REJECT
-            elif known is not None and known > message.version:
-                log.debug(
-                    "email %s v%d: stale (v%d known)", message.email_id, message.version, known
-                )
+            elif known.get(message.email_id, 0) > message.version:
+                log.debug("email %s v%d: stale (Redis)", message.email_id, message.version)
                 decisions[index] = Decision.ACK
             else:
                 wanted.append((index, message))
         if wanted:
             decisions.update(self._deliver_batch(wanted, pause))
+        self._fastpath.remember_versions(self._learned)
+        self._learned = {}
         return [decisions[index] for index in range(len(bodies))]
 
     def _deliver_batch(
@@ -260,8 +261,7 @@ class Worker:
                 attempt.outcome,
             )
             return Decision.ACK
-        version = row.version + 1 if outcome.retry_at is not None else row.version
-        self._fastpath.remember_versions({row.id: version})
+        self._learned[row.id] = row.version + 1 if outcome.retry_at is not None else row.version
         self._log_outcome(row, outcome)
         return Decision.ACK
 

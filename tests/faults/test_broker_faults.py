@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pika
 import pytest
@@ -28,7 +27,8 @@ from services.core.messages import DeliveryMessage
 from services.core.schema import outbox
 from services.core.settings import Settings
 from tests.conftest import API_KEY
-from tests.faults.ledger import SCALE, Ledger, iso, scaled, settle, wait_quiescent
+from tests.faults.ledger import SCALE, Ledger, scaled, settle
+from tests.faults.scenario import bodies, quiesce, unpublished, wait_until
 from tests.support.rabbit_node import RabbitNode, available
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Process, Stack
@@ -65,29 +65,6 @@ def settings(settings: Settings, node: RabbitNode) -> Settings:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def spread(n: int, start: datetime, seconds: float) -> list[dict[str, Any]]:
-    """``n`` emails whose ``send_at`` are spread evenly over ``seconds`` from ``start``."""
-    step = seconds / max(1, n - 1)
-    return [
-        {
-            "to": [f"user{i}@example.com"],
-            "subject": "ledger",
-            "text": "x",
-            "send_at": iso(start + timedelta(seconds=i * step)),
-        }
-        for i in range(n)
-    ]
-
-
-def unpublished(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
-            ).scalar_one()
-        )
 
 
 def published_rows(engine: Engine) -> dict[int, tuple[str, int]]:
@@ -145,30 +122,11 @@ def queue_contents(url: str, queue: str) -> list[tuple[str, int]]:
     return found
 
 
-def wait_until(check: Any, timeout: float, what: str) -> float:
-    """Poll ``check`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, f"timed out after {timeout:.0f}s: {what}"
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
 def rss_kib(process: Process) -> int:
     for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {process.kind} {process.pid}")
-
-
-def quiesce(stack: Stack, ledger: Ledger, db: Engine, timeout: float) -> None:
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=timeout,
-    )
 
 
 def connected_times(relay: Process) -> int:
@@ -198,7 +156,10 @@ class SteadyLoad:
         next_at = time.monotonic()
         while not self._stop.is_set():
             self.ledger.submit(
-                self.client, spread(self.batch, datetime.now(UTC), 0), batch=self.batch, threads=1
+                self.client,
+                bodies(self.batch, datetime.now(UTC)),
+                batch=self.batch,
+                threads=1,
             )
             self.sent += self.batch
             next_at += interval
@@ -222,7 +183,9 @@ def test_broker_stopped_while_emails_fall_due(
     client = stack.client(API_KEY)
 
     # Emails falling due all through the outage, accepted before it...
-    ledger.submit(client, spread(scaled(600), datetime.now(UTC) + timedelta(seconds=2), outage))
+    ledger.submit(
+        client, bodies(scaled(600), datetime.now(UTC) + timedelta(seconds=2), spread_seconds=outage)
+    )
     node.stop_app()
     stopped = time.monotonic()
     # ...and more accepted during it, due at once: the API does not need the broker.
@@ -310,7 +273,7 @@ def test_broker_killed_during_a_drain(
     # Due over 10 s: the relay is publishing (rows waiting, confirms pending) at the kill.
     ledger.submit(
         stack.client(API_KEY),
-        spread(n, datetime.now(UTC) + timedelta(seconds=1), 10.0),
+        bodies(n, datetime.now(UTC) + timedelta(seconds=1), spread_seconds=10.0),
         batch=100,
     )
     wait_until(
@@ -347,7 +310,9 @@ def test_hung_broker_and_resource_alarm(
     hang = 8.0  # longer than the relay's confirm timeout (half the 5 s lease, see publisher)
 
     # 1. Hung broker: rows fall due before, during and after the freeze.
-    ledger.submit(client, spread(scaled(600), datetime.now(UTC) + timedelta(seconds=1), 6.0))
+    ledger.submit(
+        client, bodies(scaled(600), datetime.now(UTC) + timedelta(seconds=1), spread_seconds=6.0)
+    )
     wait_until(lambda: len(published_rows(db)) > 0, 20, "publishing under way")
     node.freeze()
     frozen_at = time.monotonic()
@@ -368,7 +333,7 @@ def test_hung_broker_and_resource_alarm(
     before_alarm = len(published_rows(db))
     node.memory_alarm()
     try:
-        ledger.submit(client, spread(scaled(300), datetime.now(UTC), 3.0), batch=100)
+        ledger.submit(client, bodies(scaled(300), datetime.now(UTC), spread_seconds=3.0), batch=100)
         wait_until(lambda: "blocked this connection" in relay.log(), 20, "relay sees the alarm")
         time.sleep(hang)
         assert relay.alive()

@@ -30,6 +30,7 @@ from services.core.schema import attempts, emails, outbox
 from services.core.settings import Settings
 from tests.conftest import API_KEY
 from tests.faults.ledger import Ledger, iso, scaled, settle, wait_quiescent
+from tests.faults.scenario import wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Stack, running_stack
@@ -110,13 +111,6 @@ class Load:
         assert self.error is None, f"load failed: {self.error!r}"
 
 
-def wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def count_where(engine: Engine, *conditions: Any) -> int:
     with engine.connect() as conn:
         return int(
@@ -158,13 +152,13 @@ def test_mysql_cut_under_write_load(
         client.event_hooks["response"].append(answers.hook)
         ledger = Ledger()
         with Load(ledger, client) as load:
-            wait_for(lambda: len(ledger.accepted) >= scaled(200), 60, "load before the cut")
+            wait_until(lambda: len(ledger.accepted) >= scaled(200), 60, "load before the cut")
             accepted_before = len(ledger.accepted)
             proxy.cut()
             time.sleep(cut_seconds)
             during = dict(answers.codes)
             proxy.restore()
-            wait_for(
+            wait_until(
                 lambda: len(ledger.accepted) >= accepted_before + scaled(200),
                 60,
                 "201s again after the cut",
@@ -228,7 +222,7 @@ def test_mysql_cut_while_workers_hold_deliveries(
         stack.start("relay")
         for _ in range(workers):
             stack.start("worker")
-        wait_for(lambda: len(smtp_sink.received) >= n // 4, 60, "the drain to be under way")
+        wait_until(lambda: len(smtp_sink.received) >= n // 4, 60, "the drain to be under way")
         proxy.cut()  # workers are mid-SMTP or about to be
         time.sleep(cut_seconds)
         proxy.restore()

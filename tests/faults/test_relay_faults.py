@@ -6,34 +6,16 @@ from __future__ import annotations
 import signal
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pika
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.core.broker import connection_parameters
-from services.core.schema import outbox
 from tests.conftest import API_KEY
-from tests.faults.ledger import Ledger, iso, scaled, settle, wait_quiescent
+from tests.faults.ledger import Ledger, scaled, settle, wait_quiescent
+from tests.faults.scenario import bodies, unpublished, wait_until
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Stack
-
-
-def bodies(n: int, send_at: datetime) -> list[dict[str, Any]]:
-    return [
-        {"to": [f"user{i}@example.com"], "subject": "ledger", "text": "x", "send_at": iso(send_at)}
-        for i in range(n)
-    ]
-
-
-def unpublished(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
-            ).scalar_one()
-        )
 
 
 def queued_messages(stack: Stack) -> int:
@@ -44,13 +26,6 @@ def queued_messages(stack: Stack) -> int:
         return int(declared.method.message_count)
     finally:
         connection.close()
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_several_relays_publish_each_row_exactly_once(

@@ -25,7 +25,8 @@ from sqlalchemy.engine import Engine
 
 from services.core.schema import attempts, emails
 from tests.conftest import API_KEY
-from tests.faults.ledger import Ledger, iso, scaled, settle, wait_quiescent
+from tests.faults.ledger import Ledger, iso, scaled, settle
+from tests.faults.scenario import quiesce, wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.smtp_sink import AuthRecorder, SmtpSink
 from tests.support.stack import Process, Stack
@@ -33,23 +34,6 @@ from tests.support.stack import Process, Stack
 
 def body(to: str, send_at: datetime) -> dict[str, Any]:
     return {"to": [to], "subject": "ledger", "text": "x", "send_at": iso(send_at)}
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def quiesce(stack: Stack, ledger: Ledger, db: Engine, timeout: float = 120) -> None:
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=timeout,
-    )
 
 
 def parse(value: str) -> datetime:

@@ -10,7 +10,6 @@ import signal
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pika
 import pytest
@@ -24,40 +23,12 @@ from services.core.messages import DeliveryMessage
 from services.core.schema import attempts, emails
 from services.worker.__main__ import BATCH_MAX
 from tests.conftest import API_KEY
-from tests.faults.ledger import Ledger, iso, scaled, settle, wait_quiescent
+from tests.faults.ledger import Ledger, scaled, settle
+from tests.faults.scenario import bodies, quiesce, wait_until
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Stack
 
 LOST_WORKER = "worker lost during delivery%"
-
-
-def bodies(n: int, send_at: datetime, prefix: str = "user") -> list[dict[str, Any]]:
-    return [
-        {
-            "to": [f"{prefix}{i}@example.com"],
-            "subject": "ledger",
-            "text": "x",
-            "send_at": iso(send_at),
-        }
-        for i in range(n)
-    ]
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def quiesce(stack: Stack, ledger: Ledger, db: Engine, timeout: float = 120) -> None:
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=timeout,
-    )
 
 
 def lost_worker_attempts(db: Engine) -> Counter[str]:
