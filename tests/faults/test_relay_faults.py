@@ -12,8 +12,8 @@ from sqlalchemy.engine import Engine
 
 from services.core.broker import connection_parameters
 from tests.conftest import API_KEY
-from tests.faults.ledger import Ledger, scaled, settle, wait_quiescent
-from tests.faults.scenario import bodies, unpublished, wait_until
+from tests.faults.ledger import Ledger, scaled, settle
+from tests.faults.scenario import bodies, quiesce, unpublished, wait_until
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Stack
 
@@ -43,13 +43,7 @@ def test_several_relays_publish_each_row_exactly_once(
     time.sleep(0.5)  # a duplicate publish would land by now
     assert queued_messages(stack) == n  # no worker yet: the queue holds every publish
     stack.start("worker")
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=120,
-    )
+    quiesce(stack, ledger, db)
     settle("3 relays, no fault", ledger, db, smtp_sink).assert_guarantees()
 
 
@@ -66,13 +60,7 @@ def test_relay_killed_after_confirm_before_commit_loses_and_duplicates_nothing(
     assert "crash hook: SIGKILL at mark_published" in doomed.log()
     assert unpublished(db) > 0  # confirmed by the broker, never recorded
     stack.start("relay")  # picks the rows up again once their lease ends
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=120,
-    )
+    quiesce(stack, ledger, db)
     settle("relay killed after confirm, before commit", ledger, db, smtp_sink).assert_guarantees()
 
 
@@ -96,11 +84,5 @@ def test_relay_killed_every_few_seconds_during_a_drain(
     stack.start("relay")
     # no row stays claimed longer than its lease plus one poll (and the claim lookahead)
     wait_until(lambda: unpublished(db) == 0, lease + 4 * poll + 30, "every row published")
-    wait_quiescent(
-        ledger,
-        db,
-        stack.settings.rabbitmq_url.get_secret_value(),
-        stack.settings.email_queue,
-        timeout=120,
-    )
+    quiesce(stack, ledger, db)
     settle("relay kill -9 every 1.5 s", ledger, db, smtp_sink).assert_guarantees()
