@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,10 +55,6 @@ log = logging.getLogger(__name__)
 RELEASE_DELAY_SECONDS = 1.0  # a released email is due again after this
 _RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX while the lease lasts
 _RECORD_RETRY_MAX = 2.0
-# Email ids are UUIDs (services.core.ids). Anything else names no email: a poison message,
-# refused before it reaches Redis or MySQL (a lone surrogate in a JSON string, for one,
-# cannot even be encoded for them and used to escape ``handle`` as an exception).
-_EMAIL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Decision(enum.Enum):
@@ -309,14 +304,10 @@ class Worker:
 def _decode(body: bytes) -> DeliveryMessage | None:
     """The message, or None (logged) when it is poison: undecodable, or no email id."""
     try:
-        message = DeliveryMessage.decode(body)
+        return DeliveryMessage.decode(body)
     except PoisonMessage as exc:
         log.warning("dead-lettering an undecodable message: %s", exc)
         return None
-    if not _EMAIL_ID.fullmatch(message.email_id):
-        log.warning("dead-lettering a message with a malformed email id %a", message.email_id[:40])
-        return None
-    return message
 
 
 def _short(exc: SQLAlchemyError) -> str:

@@ -39,6 +39,8 @@ def test_message_round_trip() -> None:
         b'{"email_id": "x", "version": true}',
         b'{"email_id": "x"}',
         b'{"email_id": "' + b"x" * 37 + b'", "version": 1}',
+        b'{"email_id": "not-a-uuid", "version": 1}',
+        b'{"email_id": "\\ud800", "version": 1}',
     ],
 )
 def test_undecodable_messages_are_poison(body: bytes) -> None:
