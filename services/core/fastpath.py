@@ -38,7 +38,7 @@ class FastPath:
     def enabled(self) -> bool:
         return self._client is not None
 
-    def _usable(self) -> redis.Redis[bytes] | None:
+    def _usable(self) -> redis.Redis | None:
         if self._client is None or time.monotonic() < self._down_until:
             return None
         return self._client
@@ -67,7 +67,7 @@ class FastPath:
                 yield False
                 continue
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
                 pubsub.subscribe(self.wakeup_channel)
                 try:
                     while True:

@@ -10,7 +10,9 @@ A row handed over comes with a ``time.monotonic()`` deadline and is published at
 never before: rows sharing a deadline share one timer. Each row ends as exactly one
 ``Result``: confirmed (broker ack), or failed with a reason (nack, returned as
 unroutable, no confirm in time, connection lost, stopping). Only a confirmed row may be
-marked published.
+marked published. Publishes are ``mandatory``: if the queue is deleted under a running
+relay, the broker returns them instead of confirming messages that reached nowhere, and
+the first return makes the relay declare its queues again.
 
 Nothing here waits forever on a broker that stopped answering. A publish without a
 confirm after ``confirm_timeout`` fails its rows and drops the connection (the graceful
@@ -50,6 +52,7 @@ WATCHDOG_SECONDS = 0.5
 CONFIRM_TIMEOUT_MAX_SECONDS = 15.0
 CONFIRM_TIMEOUT_MIN_SECONDS = 1.0
 CLOSE_GRACE_SECONDS = 2.0
+NO_ROUTE = 312  # AMQP reply code of a mandatory publish that reached no queue
 QUIET_SECONDS = 30.0  # while the broker stays away, one warning per this many seconds
 
 
@@ -116,6 +119,7 @@ class Publisher:
         self._outstanding: OrderedDict[int, _Sent] = OrderedDict()  # delivery tag -> sent
         self._tags_by_message: dict[str, deque[int]] = {}
         self._returned: dict[int, str] = {}  # delivery tag -> why the broker returned it
+        self._redeclaring = False  # a queue vanished under us: declaring it again
         self._next_tag = 0
         self._down_since: float | None = None  # first failed attempt of this outage
         self._last_warning = 0.0
@@ -208,25 +212,47 @@ class Publisher:
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
         self._next_tag = 0
+        self._redeclaring = False
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: self._declare(channel, 0)
+            ack_nack_callback=self._on_confirm,
+            callback=lambda _frame: self._declare(channel, 0, self._on_ready),
         )
 
-    def _declare(self, channel: Any, index: int) -> None:
-        """Declare the queues one after the other, then open for business."""
+    def _declare(self, channel: Any, index: int, then: Callable[[Any], None]) -> None:
+        """Declare the queues one after the other, then call ``then(channel)``."""
         declarations = queue_declarations(self._queue)
         if index == len(declarations):
-            self._on_ready(channel)
+            then(channel)
             return
         name, arguments = declarations[index]
         channel.queue_declare(
             name,
             durable=True,
             arguments=arguments,
-            callback=lambda _frame: self._declare(channel, index + 1),
+            callback=lambda _frame: self._declare(channel, index + 1, then),
         )
+
+    def _redeclare(self, why: str) -> None:
+        """The queue was deleted under a running relay: the broker returns every publish
+        (the rows go back to the outbox with back-off). Declare the topology again on this
+        channel so the next attempts route; until then keep failing the returned rows."""
+        channel = self._channel
+        if self._redeclaring or channel is None or not channel.is_open or self._stopping:
+            return
+        self._redeclaring = True
+        log.warning(
+            "rabbitmq returned a publish to %s (%s); declaring the queues again",
+            self._queue,
+            why,
+        )
+        self._declare(channel, 0, self._on_redeclared)
+
+    def _on_redeclared(self, channel: Any) -> None:
+        if channel is self._channel:
+            self._redeclaring = False
+            log.info("rabbitmq queues declared again; publishing to %s", self._queue)
 
     def _on_ready(self, channel: Any) -> None:
         if channel is not self._channel or self._stopping:
@@ -375,6 +401,8 @@ class Publisher:
         tags = self._tags_by_message.get(properties.message_id)
         if tags:
             self._returned[tags.popleft()] = f"returned by rabbitmq: {method.reply_text}"
+        if method.reply_code == NO_ROUTE:
+            self._redeclare(method.reply_text)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method

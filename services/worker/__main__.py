@@ -142,7 +142,10 @@ class Consumer:
                         break
                     batch.append(_Delivery.of(*more))
                 self._settle(connection, channel, batch)
-            log.info("stop requested: returning unacked messages to %s", queue)
+            if self._stop.requested:
+                log.info("stop requested: returning unacked messages to %s", queue)
+            else:  # the stream ends when the broker cancels the consumer (queue deleted)
+                log.warning("rabbitmq cancelled the consumer of %s; declaring it again", queue)
         finally:
             with contextlib.suppress(*_BROKER_ERRORS):  # gone already: the broker requeues
                 connection.close()

@@ -1,5 +1,6 @@
 """Relay faults (FAULTS.md, "Relay"): crashes between confirm and commit, repeated
-kill -9, several relays side by side."""
+kill -9, several relays side by side, and the email queue deleted under a running relay
+(what the ``mandatory`` flag is for)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,39 @@ def queued_messages(stack: Stack) -> int:
         return int(declared.method.message_count)
     finally:
         connection.close()
+
+
+def delete_queue(stack: Stack) -> None:
+    url = stack.settings.rabbitmq_url.get_secret_value()
+    connection = pika.BlockingConnection(connection_parameters(url))
+    try:
+        connection.channel().queue_delete(stack.settings.email_queue)
+    finally:
+        connection.close()
+
+
+def test_queue_deleted_under_a_running_relay_loses_nothing(
+    stack: Stack, db: Engine, smtp_sink: SmtpSink
+) -> None:
+    """Publishes to a queue that is gone come back as returns (``mandatory``), never as
+    confirms of messages that went nowhere; the relay declares the queue again and the
+    rows are published on their next attempt."""
+    n = scaled(500)
+    stack.start_api()
+    relay = stack.start("relay")
+    wait_until(lambda: "rabbitmq connected" in relay.log(), 30, "relay connected")
+    ledger = Ledger()
+    send_at = datetime.now(UTC) + timedelta(seconds=3)
+    ledger.submit(stack.client(API_KEY), bodies(n, send_at), batch=100)
+    delete_queue(stack)  # no worker: nothing consumes, nothing declares it again but the relay
+    assert datetime.now(UTC) < send_at, "the queue must be gone before the rows are due"
+    wait_until(lambda: unpublished(db) == 0, 60, "every row published after the redeclare")
+    assert queued_messages(stack) == n  # each row confirmed into the queue exactly once
+    assert "returned by rabbitmq: NO_ROUTE" in relay.log()  # released, not taken as sent
+    assert "declaring the queues again" in relay.log()
+    stack.start("worker")
+    quiesce(stack, ledger, db)
+    settle("email queue deleted under the relay", ledger, db, smtp_sink).assert_guarantees()
 
 
 def test_several_relays_publish_each_row_exactly_once(

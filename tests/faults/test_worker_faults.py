@@ -210,7 +210,7 @@ def test_same_message_to_two_workers_is_sent_once(
     stack: Stack,
     db: Engine,
     smtp_sink: SmtpSink,
-    redis_client: redis.Redis[bytes],
+    redis_client: redis.Redis,
     redis_mode: str,
 ) -> None:
     n = scaled(600)
