@@ -19,6 +19,12 @@ from pika.adapters.blocking_connection import BlockingChannel
 DELIVERY_LIMIT = 20
 HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT = 30.0
+# Relay and worker reconnect after 0.25 s, doubling to at most 2 s: a broker back from an
+# outage of any length is used again within about 2 s. (A connection attempt to a
+# loopback or LAN broker is cheap; the warnings about it are rate-limited instead.)
+RECONNECT_FIRST_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 2.0
+RECONNECT_QUIET_SECONDS = 30.0  # while the broker stays away, one warning per this long
 
 
 def connection_parameters(url: str) -> pika.URLParameters:

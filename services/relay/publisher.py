@@ -39,21 +39,25 @@ import pika
 from pika.adapters.select_connection import IOLoop
 from pika.spec import Basic
 
-from services.core.broker import connection_parameters, message_properties, queue_declarations
+from services.core.broker import (
+    RECONNECT_FIRST_SECONDS,
+    RECONNECT_MAX_SECONDS,
+    RECONNECT_QUIET_SECONDS,
+    connection_parameters,
+    message_properties,
+    queue_declarations,
+)
 from services.core.messages import DeliveryMessage
 from services.core.outbox import OutboxRow
 from services.core.settings import mask_url
 
 log = logging.getLogger(__name__)
 
-RECONNECT_INITIAL_SECONDS = 0.25
-RECONNECT_MAX_SECONDS = 2.0  # a broker back from an outage is used within seconds
 WATCHDOG_SECONDS = 0.5
 CONFIRM_TIMEOUT_MAX_SECONDS = 15.0
 CONFIRM_TIMEOUT_MIN_SECONDS = 1.0
 CLOSE_GRACE_SECONDS = 2.0
 NO_ROUTE = 312  # AMQP reply code of a mandatory publish that reached no queue
-QUIET_SECONDS = 30.0  # while the broker stays away, one warning per this many seconds
 
 
 def confirm_timeout_for(lease_seconds: float) -> float:
@@ -112,7 +116,7 @@ class Publisher:
         self._connection: pika.SelectConnection | None = None
         self._channel: Any = None
         self._stopping = False
-        self._reconnect_delay = RECONNECT_INITIAL_SECONDS
+        self._reconnect_delay = RECONNECT_FIRST_SECONDS
         self._reconnect_timer: Any = None
         self._waiting: dict[float, list[OutboxRow]] = {}  # deadline -> rows
         self._timers: dict[float, Any] = {}  # deadline -> pika timer
@@ -267,7 +271,7 @@ class Publisher:
                 time.monotonic() - self._down_since,
             )
         self._down_since = None
-        self._reconnect_delay = RECONNECT_INITIAL_SECONDS
+        self._reconnect_delay = RECONNECT_FIRST_SECONDS
         self._ready.set()
         self._ioloop.call_later(WATCHDOG_SECONDS, lambda: self._watchdog(channel))
 
@@ -277,7 +281,7 @@ class Publisher:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
-        if now - self._last_warning >= QUIET_SECONDS:
+        if now - self._last_warning >= RECONNECT_QUIET_SECONDS:
             self._last_warning = now
             log.warning(
                 "rabbitmq connection to %s failed (unavailable for %.0f s; retrying every "

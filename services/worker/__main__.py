@@ -41,7 +41,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.core.broker import connection_parameters, declare_topology
+from services.core.broker import (
+    RECONNECT_FIRST_SECONDS,
+    RECONNECT_MAX_SECONDS,
+    RECONNECT_QUIET_SECONDS,
+    connection_parameters,
+    declare_topology,
+)
 from services.core.db import create_db_engine
 from services.core.fastpath import FastPath
 from services.core.logs import configure_logging
@@ -52,7 +58,6 @@ from services.worker.worker import Decision, Worker
 log = logging.getLogger("services.worker")
 
 CONSUME_WAKEUP_SECONDS = 0.5
-RECONNECT_FIRST, RECONNECT_MAX = 0.5, 30.0
 DB_PAUSE_FIRST, DB_PAUSE_MAX = 0.5, 15.0
 SMTP_PAUSE_FIRST, SMTP_PAUSE_MAX = 0.5, 5.0
 BUG_DELIVERIES = 3  # deliveries of a message whose handling raises, before dead-lettering
@@ -101,21 +106,34 @@ class Consumer:
         self._worker = worker
         self._engine = engine
         self._stop = stop
-        self._reconnect_delay = RECONNECT_FIRST
+        self._reconnect_delay = RECONNECT_FIRST_SECONDS
+        self._down_since: float | None = None  # first failure of this outage
+        self._last_warning = 0.0
 
     def run(self) -> None:
         while not self._stop.requested:
             try:
                 self._consume()
             except _BROKER_ERRORS as exc:
-                log.warning(
-                    "RabbitMQ unavailable (%s: %s); reconnecting in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    self._reconnect_delay,
-                )
+                self._unavailable(exc)
                 self._stop.sleep(self._reconnect_delay)
-                self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
+                self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX_SECONDS)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        """One warning when the broker goes away, then one per RECONNECT_QUIET_SECONDS."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._last_warning < RECONNECT_QUIET_SECONDS:
+            return
+        self._last_warning = now
+        log.warning(
+            "RabbitMQ unavailable for %.0f s (%s: %s); retrying every %.1f s at most",
+            now - self._down_since,
+            type(exc).__name__,
+            exc,
+            RECONNECT_MAX_SECONDS,
+        )
 
     def _consume(self) -> None:
         queue = self._settings.email_queue
@@ -126,8 +144,12 @@ class Consumer:
             channel = connection.channel()
             declare_topology(channel, queue)
             channel.basic_qos(prefetch_count=self._settings.worker_prefetch)
+            if self._down_since is not None:
+                log.info("RabbitMQ is back after %.1f s", time.monotonic() - self._down_since)
             log.info("consuming from %s (prefetch %d)", queue, self._settings.worker_prefetch)
-            self._reconnect_delay = RECONNECT_FIRST
+            self._reconnect_delay = RECONNECT_FIRST_SECONDS
+            self._down_since = None
+            self._last_warning = 0.0
             stream = channel.consume(queue, inactivity_timeout=CONSUME_WAKEUP_SECONDS)
             for first in stream:
                 if self._stop.requested:

@@ -10,6 +10,7 @@ and it is stopped and deleted when the module ends.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -22,13 +23,14 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
-from services.core.broker import connection_parameters
+from services.core.broker import RECONNECT_MAX_SECONDS, connection_parameters
 from services.core.messages import DeliveryMessage
 from services.core.schema import outbox
 from services.core.settings import Settings
 from tests.conftest import API_KEY
 from tests.faults.ledger import SCALE, Ledger, scaled, settle
 from tests.faults.scenario import bodies, quiesce, unpublished, wait_until
+from tests.support.proxy import FaultProxy
 from tests.support.rabbit_node import RabbitNode, available
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Process, Stack
@@ -170,14 +172,20 @@ class SteadyLoad:
 
 
 def test_broker_stopped_while_emails_fall_due(
-    stack: Stack, db: Engine, smtp_sink: SmtpSink, node: RabbitNode
+    stack: Stack, db: Engine, smtp_sink: SmtpSink, node: RabbitNode, request: pytest.FixtureRequest
 ) -> None:
     """stop_app for 12-30 s while emails fall due and the API keeps accepting: no API
     error, the relay is publishing again within seconds of start_app, all delivered."""
     outage = min(30.0, 12.0 * max(1.0, SCALE))
     stack.start_api()
-    stack.start("worker")
-    relay = stack.start("relay")
+    # Relay and worker reach the node through proxies that note every connection attempt.
+    relay_proxy, worker_proxy = FaultProxy(node.port).start(), FaultProxy(node.port).start()
+    request.addfinalizer(relay_proxy.stop)
+    request.addfinalizer(worker_proxy.stop)
+    stack.start("worker", RABBITMQ_URL=node.url.replace(f":{node.port}/", f":{worker_proxy.port}/"))
+    relay = stack.start(
+        "relay", RABBITMQ_URL=node.url.replace(f":{node.port}/", f":{relay_proxy.port}/")
+    )
     wait_until(lambda: connected_times(relay) == 1, 20, "relay connected")
     ledger = Ledger()
     client = stack.client(API_KEY)
@@ -196,6 +204,15 @@ def test_broker_stopped_while_emails_fall_due(
     before = len(smtp_sink.received)
     node.start_app()
     started = time.monotonic()
+    # However long the outage, both keep trying at least every RECONNECT_MAX_SECONDS (a
+    # back-off grown to minutes would leave a broker that is back unused for minutes).
+    for name, proxy in (("relay", relay_proxy), ("worker", worker_proxy)):
+        tries = [at for at in proxy.attempts if stopped + 4.0 <= at <= started]
+        assert tries, f"{name} did not try the broker once in the outage"
+        gaps = [later - earlier for earlier, later in itertools.pairwise([*tries, started])]
+        assert max(gaps) <= RECONNECT_MAX_SECONDS + 1.0, (
+            f"{name} retried the broker {len(tries)} times, gaps {[round(g, 1) for g in gaps]}"
+        )
 
     reconnect = wait_until(lambda: connected_times(relay) >= 2, 30, "relay reconnected")
     first = wait_until(lambda: len(smtp_sink.received) > before, 30, "a delivery after start_app")

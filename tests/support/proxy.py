@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -33,6 +34,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        self.attempts: list[float] = []  # time.monotonic() of every connection accepted
 
     def start(self) -> FaultProxy:
         self._thread.start()
@@ -80,6 +82,7 @@ class FaultProxy:
         self._writers.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.attempts.append(time.monotonic())
         if self._mode == "cut":
             _reset(writer)
             return
