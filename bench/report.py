@@ -241,9 +241,12 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
     scale = results.get("scale", {})
     for key in ("poll_none", "poll_future", "poll_future_open_tx", "poll_future_after_purge"):
         if key in scale:
+            full = scale[key].get("full_scan_median_ms")
             lines.append(
                 f"| empty poll {key} (ms) | median {_spread(scale[key]['median_ms'], 3)}; "
-                f"p99 {_spread(scale[key]['p99_ms'], 3)} |"
+                f"p99 {_spread(scale[key]['p99_ms'], 3)}"
+                + (f"; full scan (every 5 s) {_spread(full, 3)}" if full else "")
+                + " |"
             )
     if "rss" in scale:
         lines.append(

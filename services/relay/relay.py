@@ -80,6 +80,7 @@ class Relay:
         self._poll = settings.relay_poll_interval
         self._lookahead = timedelta(seconds=settings.relay_poll_interval + LOOKAHEAD_MARGIN_SECONDS)
         self._lease = timedelta(seconds=settings.lease_seconds)
+        self._window = outbox.ScanWindow()
         self._confirmed: list[int] = []
         self._failed: list[Result] = []
         self._lock = threading.Lock()  # one run at a time, and close() waits for it
@@ -209,6 +210,8 @@ class Relay:
     def _claim(self, limit: int) -> int | None:
         """Claim and hand over up to ``limit`` rows; None when MySQL is away."""
 
+        floor = self._window.floor()
+
         def claim(conn: Connection) -> tuple[datetime, float, list[outbox.OutboxRow]]:
             now = db_now(conn)
             # Read after the database clock: the deadline can only come out late, not early.
@@ -219,6 +222,7 @@ class Relay:
                 limit=limit,
                 lease_until=now + self._lease,
                 claimed_by=self.relay_id,
+                floor=floor,
             )
             return now, monotonic_now, rows
 
@@ -228,6 +232,7 @@ class Relay:
             self._database_error("claiming due rows", exc)
             return None
         self._database_back()
+        self._window.scanned(floor, now, complete=len(rows) < limit)
         self._publisher.submit(
             [(row, monotonic_now + (row.fire_at - now).total_seconds()) for row in rows]
         )

@@ -327,3 +327,39 @@ def test_process_publishes_and_hands_back_leased_rows_on_sigterm(
         assert rows[later].due_at <= db_now(conn)  # due again now, for another relay
     messages = drain_queue(settings.rabbitmq_url.get_secret_value(), settings.email_queue)
     assert [m.email_id for m in messages] == [due]
+
+
+def test_claims_start_at_the_window_floor_and_a_full_scan_finds_what_lies_below(
+    settings: Settings, db: Engine, start_relay: Callable[..., Relay]
+) -> None:
+    """After a complete claim the next one starts just before it (purge-lag guard); a row
+    that turns up below that floor - here one written with a clock 30 s behind, like a
+    claim rolled back by a crashed relay - is still published by the periodic full scan."""
+    relay = start_relay()
+    relay.run_once()  # a full scan over an empty outbox: the floor is now "now - margin"
+    with db.begin() as conn:
+        now = db_now(conn)
+        [email_id] = emails.create(
+            conn,
+            OWNER,
+            [
+                emails.NewEmail(
+                    to=["a@example.com"], from_addr="me@example.com", subject="s", send_at=None
+                )
+            ],
+            now - timedelta(seconds=30),
+        )
+        window = outbox.ScanWindow()
+        window.scanned(None, now, complete=True)
+        floor = window.floor()
+        assert floor is not None
+        below = outbox.claim_due(
+            conn, horizon=now, limit=10, lease_until=now, claimed_by="probe", floor=floor
+        )
+        assert below == []  # the floored claim does not see it...
+    started = time.monotonic()
+    run_until(relay, lambda: published_count(db) == 1, timeout=15)
+    # ...the relay publishes it at its next full scan (every 5 s), not at once.
+    assert time.monotonic() - started >= 1.0
+    [message] = drain_queue(settings.rabbitmq_url.get_secret_value(), settings.email_queue)
+    assert message.email_id == email_id
