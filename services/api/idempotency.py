@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -64,14 +64,17 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    rows: list[Row[Any]]
+    rows: Sequence[Mapping[str, Any]]  # emails' columns, as just written or read back
     replayed: bool
 
 
 def create_once(
-    engine: Engine, scope: Scope, now: datetime, work: Callable[[Connection], list[str]]
+    engine: Engine,
+    scope: Scope,
+    now: datetime,
+    work: Callable[[Connection], list[dict[str, Any]]],
 ) -> Outcome:
-    """Run ``work`` (which creates emails and returns their ids) at most once per key.
+    """Run ``work`` (which creates emails and returns them as written) at most once per key.
 
     Returns the created emails, or on a repeat the emails of the first request as they
     are now. Raises ``IdempotencyMismatch`` for the same key with another request and
@@ -93,9 +96,10 @@ def create_once(
                         created_at=now,
                     )
                 )
-                ids = work(conn)
+                created = work(conn)
+                ids = [row["id"] for row in created]
                 conn.execute(idempotency_keys.update().where(*_row_of(scope)).values(email_ids=ids))
-                return Outcome(emails.get_many(conn, scope.owner, ids), replayed=False)
+                return Outcome(created, replayed=False)
         except DBAPIError as exc:
             code = error_code(exc)
             if code == LOCK_WAIT_TIMEOUT:
@@ -130,4 +134,6 @@ def _replay(conn: Connection, scope: Scope, stored: Row[Any]) -> Outcome:
     if stored.request_hash != scope.request_hash:
         raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
     ids: Sequence[str] = stored.email_ids
-    return Outcome(emails.get_many(conn, scope.owner, ids), replayed=True)
+    return Outcome(
+        [dict(r._mapping) for r in emails.get_many(conn, scope.owner, ids)], replayed=True
+    )

@@ -30,33 +30,30 @@ def schedule(
     """Create ``items`` all or nothing; with a ``scope``, at most once per Idempotency-Key."""
     now = datetime.now(UTC)
 
-    def create(conn: Connection) -> list[str]:
-        return emails.create(conn, owner, items, now)
+    def create(conn: Connection) -> list[dict[str, Any]]:
+        return emails.create_rows(conn, owner, items, now)
 
     if scope is None:
-        outcome = transaction(
-            runtime.engine,
-            lambda conn: Outcome(emails.get_many(conn, owner, create(conn)), replayed=False),
-        )
+        outcome = Outcome(transaction(runtime.engine, create), replayed=False)
     else:
         outcome = create_once(runtime.engine, scope, now, create)
     if outcome.replayed:
         log.info(
             "idempotent replay of %d email(s) first=%s owner=%s",
             len(outcome.rows),
-            outcome.rows[0].id if outcome.rows else "-",
+            outcome.rows[0]["id"] if outcome.rows else "-",
             owner[:8],
         )
         return outcome
     _wake_relay_if_due(runtime, [item.send_at for item in items], now)
     if len(outcome.rows) == 1:
-        log.info("email scheduled id=%s owner=%s", outcome.rows[0].id, owner[:8])
+        log.info("email scheduled id=%s owner=%s", outcome.rows[0]["id"], owner[:8])
     else:
         log.info(
             "batch of %d emails scheduled first=%s last=%s owner=%s",
             len(outcome.rows),
-            outcome.rows[0].id,
-            outcome.rows[-1].id,
+            outcome.rows[0]["id"],
+            outcome.rows[-1]["id"],
             owner[:8],
         )
     return outcome

@@ -9,6 +9,7 @@ are stored in one normalized form the worker can parse again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -270,23 +271,25 @@ class EmailOut(BaseModel):
     metadata: dict[str, Any]
 
     @classmethod
-    def from_row(cls, row: Row[Any]) -> EmailOut:
+    def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> EmailOut:
+        """From an ``emails`` row read back, or from its columns as just written."""
+        m = row._mapping if isinstance(row, Row) else row
         return cls(
-            id=row.id,
-            status=row.status,
-            to=row.to_addrs,
-            cc=row.cc_addrs,
-            bcc=row.bcc_addrs,
-            from_=row.from_addr,
-            subject=row.subject,
-            send_at=row.send_at,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            sent_at=row.sent_at,
-            attempts=row.attempts,
-            last_error=row.last_error,
-            message_id=row.message_id,
-            metadata=row.metadata,
+            id=m["id"],
+            status=m["status"],
+            to=m["to_addrs"],
+            cc=m["cc_addrs"],
+            bcc=m["bcc_addrs"],
+            from_=m["from_addr"],
+            subject=m["subject"],
+            send_at=m["send_at"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+            sent_at=m["sent_at"],
+            attempts=m["attempts"],
+            last_error=m["last_error"],
+            message_id=m["message_id"],
+            metadata=m["metadata"],
         )
 
 

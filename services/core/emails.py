@@ -32,6 +32,13 @@ from services.core.ids import new_id
 from services.core.schema import attempts, emails
 
 CANCELLABLE = ("pending", "queued")
+# The columns a new email leaves to their defaults, as a read-back would show them.
+_UNSET: dict[str, Any] = {
+    "sent_at": None,
+    "last_error": None,
+    "claim_token": None,
+    "lease_until": None,
+}
 STATUSES = ("pending", "queued", "sending", "sent", "failed", "cancelled")
 
 
@@ -59,6 +66,14 @@ def message_id_for(email_id: str, from_addr: str) -> str:
 
 def create(conn: Connection, owner: str, items: Sequence[NewEmail], now: datetime) -> list[str]:
     """Insert the emails and their first outbox rows: both or neither, with the caller's commit."""
+    return [row["id"] for row in create_rows(conn, owner, items, now)]
+
+
+def create_rows(
+    conn: Connection, owner: str, items: Sequence[NewEmail], now: datetime
+) -> list[dict[str, Any]]:
+    """``create``, returning each email's columns as written (what a read-back would
+    return, without the round trip: the API answers a create from these)."""
     rows: list[dict[str, Any]] = []
     entries: list[outbox.Entry] = []
     for item in items:
@@ -92,7 +107,7 @@ def create(conn: Connection, owner: str, items: Sequence[NewEmail], now: datetim
         entries.append(outbox.Entry(email_id, 1, due_at))
     conn.execute(emails.insert(), rows)
     outbox.add(conn, entries)
-    return [row["id"] for row in rows]
+    return [{**row, **_UNSET} for row in rows]
 
 
 def get(conn: Connection, owner: str, email_id: str, *, lock: bool = False) -> Row[Any]:

@@ -315,6 +315,8 @@ def test_batch_keeps_request_order(client: TestClient, db: Engine) -> None:
     )
     assert reply.status_code == 201, reply.text
     assert [item["subject"] for item in reply.json()["items"]] == subjects
+    for item in reply.json()["items"]:  # the 201 shows the emails as stored
+        assert client.get(f"/v1/emails/{item['id']}", headers=AUTH).json() == item
     assert count(db, emails) == 30
     assert count(db, outbox) == 30
 

@@ -63,13 +63,13 @@ def hold_first_request(
     waits for ``release``, then commits, or raises to roll back."""
     request = EmailRequest.model_validate(body).to_new_email("scheduler@example.com")
 
-    def work(conn: Connection) -> list[str]:
-        ids = emails.create(conn, OWNER, [request], datetime.now(UTC))
+    def work(conn: Connection) -> list[dict[str, Any]]:
+        rows = emails.create_rows(conn, OWNER, [request], datetime.now(UTC))
         inside.set()
         assert release.wait(30)
         if fail:
             raise RuntimeError("first request failed")
-        return ids
+        return rows
 
     return lambda: create_once(engine, scope_of(body), datetime.now(UTC), work)
 
@@ -120,7 +120,7 @@ def test_waiter_replays_once_the_first_commits(client: TestClient, db: Engine) -
     first, reply = race(client, db, BODY)
     assert reply.status_code == 200, reply.text
     assert reply.headers["Idempotent-Replayed"] == "true"
-    assert reply.json()["id"] == first.result().rows[0].id
+    assert reply.json()["id"] == first.result().rows[0]["id"]
     assert count(db) == 1
 
 

@@ -380,3 +380,26 @@ def test_a_released_email_is_due_again_without_using_an_attempt(db: Engine) -> N
     ]
     with db.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(attempts)).scalar_one() == 0
+
+
+def test_create_rows_return_exactly_what_a_read_back_gives(db: Engine) -> None:
+    """The API answers a create from these values, without reading the rows back."""
+    full = NewEmail(
+        to=["Ann <ann@example.com>", "bo@example.com"],
+        from_addr="me@example.com",
+        subject="Grüße",
+        send_at=datetime.now(UTC) + timedelta(hours=1, microseconds=7),
+        cc=["c@example.com"],
+        bcc=["b@example.com"],
+        reply_to="r@example.com",
+        text="hello",
+        html="<p>hello</p>",
+        headers={"X-Campaign": "spring"},
+        metadata={"n": 1, "f": 0.5, "ok": True, "none": None, "s": "x"},
+    )
+    with unit_of_work(db) as conn:
+        written = emails.create_rows(conn, OWNER, [full, new_email()], datetime.now(UTC))
+    with db.connect() as conn:
+        for row in written:
+            stored = conn.execute(sa.select(emails_table).where(emails_table.c.id == row["id"]))
+            assert dict(stored.one()._mapping) == row
