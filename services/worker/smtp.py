@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 
 from services.core.errors import PermanentDelivery, TransientDelivery
 from services.core.settings import Settings
@@ -61,13 +60,26 @@ class SmtpSender:
         self._lock = threading.Lock()
 
     def send(
-        self, message: EmailMessage, envelope_from: str, recipients: Sequence[str]
+        self,
+        data: bytes,
+        envelope_from: str,
+        recipients: Sequence[str],
+        *,
+        smtputf8: bool = False,
     ) -> SendResult:
+        """One SMTP transaction for a composed message (``services.worker.compose``)."""
         with self._lock:
             conn = self._open()
             self._last_used = time.monotonic()
             try:
-                refused = conn.send_message(message, envelope_from, list(recipients))
+                options: list[str] = []
+                if smtputf8:
+                    if not conn.has_extn("smtputf8"):
+                        raise smtplib.SMTPNotSupportedError(
+                            "an address needs SMTPUTF8, which the server does not offer"
+                        )
+                    options = ["SMTPUTF8", "BODY=8BITMIME"]
+                refused = conn.sendmail(envelope_from, list(recipients), data, options)
             except smtplib.SMTPRecipientsRefused as exc:
                 self._drop_if_closed()
                 raise _recipients_error(exc.recipients) from exc

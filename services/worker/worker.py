@@ -205,7 +205,12 @@ class Worker:
     def _deliver(self, row: Row[Any], now: datetime) -> _Attempt:
         try:
             composed = build_message(row, self._settings, now=now)
-            result = self._sender.send(*composed)
+            result = self._sender.send(
+                composed.data,
+                composed.envelope_from,
+                composed.recipients,
+                smtputf8=composed.smtputf8,
+            )
         except DeliveryError as exc:
             self._smtp_down = isinstance(exc, SmtpUnavailable)
             kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"

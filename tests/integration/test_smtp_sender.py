@@ -44,14 +44,14 @@ def sender_settings(port: int, **changes: Any) -> Settings:
     )
 
 
-def message(to: str = "ann@example.com", body: str = "hello\n") -> EmailMessage:
+def message(to: str = "ann@example.com", body: str = "hello\n") -> bytes:
     msg = EmailMessage()
     msg["From"] = "sender@example.com"
     msg["To"] = to
     msg["Subject"] = "test"
     msg["X-Email-Id"] = "test-id"
     msg.set_content(body)
-    return msg
+    return msg.as_bytes()
 
 
 def open_fds() -> int:
@@ -389,3 +389,27 @@ def test_server_hanging_up_at_data_is_transient() -> None:
         server.close()
     assert b"RCPT TO" in server.received.upper()
     assert open_fds() <= before
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_an_smtputf8_message_goes_only_to_a_server_that_offers_it(offered: bool) -> None:
+    handler = ScriptedHandler()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=offered
+    )
+    controller.start()
+    sender = SmtpSender(sender_settings(controller.port))
+    data = "From: a@example.com\r\nTo: jörg@example.com\r\nSubject: hi\r\n\r\nhallo\r\n"
+    try:
+        if offered:
+            result = sender.send(
+                data.encode(), "a@example.com", ["jörg@example.com"], smtputf8=True
+            )
+            assert result.code == 250
+        else:
+            with pytest.raises(PermanentDelivery, match="SMTPUTF8"):
+                sender.send(data.encode(), "a@example.com", ["jörg@example.com"], smtputf8=True)
+    finally:
+        sender.close()
+        controller.stop()
+    assert [r.rcpt_tos for r in handler.received] == ([("jörg@example.com",)] if offered else [])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
+from email.utils import formataddr
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.core.errors import PermanentDelivery
 from services.core.settings import Settings
@@ -37,12 +40,12 @@ def row(**changes: Any) -> Any:
 
 def parsed(email_row: Any) -> Any:
     composed = build_message(email_row, SETTINGS, now=NOW)
-    return message_from_bytes(composed.message.as_bytes(), policy=policy.default)
+    return message_from_bytes(composed.data, policy=policy.default)
 
 
 def test_headers_and_envelope() -> None:
     composed = build_message(row(), SETTINGS, now=NOW)
-    message = message_from_bytes(composed.message.as_bytes(), policy=policy.default)
+    message = message_from_bytes(composed.data, policy=policy.default)
     assert message["From"] == "Sender Name <sender@example.com>"
     assert message["To"] == "Ann <ann@example.com>, bob@example.com"
     assert message["Cc"] == "carol@example.com"
@@ -53,7 +56,7 @@ def test_headers_and_envelope() -> None:
     assert message["X-Email-Id"] == "0190aaaa-0000-7000-8000-000000000001"
     assert message["X-Campaign"] == "spring"
     assert "Bcc" not in message
-    assert b"dave@" not in composed.message.as_bytes()
+    assert b"dave@" not in composed.data
     assert composed.envelope_from == "sender@example.com"
     # bcc in the envelope only; ANN@ duplicates Ann's address and is sent once
     assert composed.recipients == [
@@ -87,7 +90,7 @@ def test_non_ascii_subject_display_name_and_domain_are_encoded() -> None:
         row(subject="Grüße", to_addrs=['"Jörg Ü" <jorg@bücher.de>'], cc_addrs=[], bcc_addrs=[]),
         SETTINGS,
     )
-    raw = composed.message.as_bytes()
+    raw = composed.data
     assert raw.isascii()
     message = message_from_bytes(raw, policy=policy.default)
     assert message["Subject"] == "Grüße"
@@ -125,3 +128,107 @@ def test_lone_dot_lines_survive_composition() -> None:
     body = "first\n.\n..\n.leading dot\nlast\n"
     message = parsed(row(text_body=body))
     assert message.get_content().replace("\r\n", "\n") == body
+
+
+# --- the wire format, checked by parsing it back --------------------------------------------
+
+# What the API lets through to a header value: any text without CR, LF or NUL (the API
+# refuses other control characters too).
+HEADER_TEXT = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")) | st.sampled_from(" \t"), max_size=300
+)
+BODY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=3000)
+
+
+def wire(email_row: Any) -> tuple[bytes, Any]:
+    data = build_message(email_row, SETTINGS, now=NOW).data
+    return data, message_from_bytes(data, policy=policy.default)
+
+
+def assert_wire_format(data: bytes) -> None:
+    assert data.isascii()
+    lines = data.split(b"\r\n")
+    assert b"\n" not in b"".join(lines)  # CRLF line ends only
+    assert b"\r" not in b"".join(lines)
+    assert all(len(line) <= 998 for line in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(subject=HEADER_TEXT, campaign=HEADER_TEXT)
+def test_any_subject_and_header_value_survive_the_wire(subject: str, campaign: str) -> None:
+    data, message = wire(row(subject=subject, headers={"X-Campaign": campaign}))
+    assert_wire_format(data)
+    # Folding whitespace is not content (RFC 5322 2.2.3): compare with runs of it as one.
+    assert " ".join(message["Subject"].split()) == " ".join(subject.split())
+    assert " ".join(message["X-Campaign"].split()) == " ".join(campaign.split())
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=BODY_TEXT, html=st.none() | BODY_TEXT)
+def test_any_body_survives_the_wire(text: str, html: str | None) -> None:
+    data, message = wire(row(text_body=text, html_body=html))
+    assert_wire_format(data)
+
+    def content(part: Any) -> str:
+        return str(part.get_content()).replace("\r\n", "\n")
+
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    if html is None:
+        assert message.get_content_type() == "text/plain"
+        assert content(message).rstrip("\n") == expected.rstrip("\n")
+    else:
+        plain, rich = message.iter_parts()
+        assert content(plain).rstrip("\n") == expected.rstrip("\n")
+        assert content(rich).rstrip("\n") == html.replace("\r\n", "\n").replace("\r", "\n").rstrip(
+            "\n"
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=st.lists(HEADER_TEXT.filter(lambda n: n.strip()), min_size=1, max_size=8))
+def test_any_display_names_survive_the_wire(names: list[str]) -> None:
+    addresses = [f"u{i}@example.com" for i in range(len(names))]
+    data, message = wire(
+        row(
+            to_addrs=[
+                formataddr((name, address)) for name, address in zip(names, addresses, strict=True)
+            ],
+            cc_addrs=[],
+            bcc_addrs=[],
+        )
+    )
+    assert_wire_format(data)
+    parsed = message["To"].addresses
+    assert [a.addr_spec for a in parsed] == addresses
+    assert [" ".join(a.display_name.split()) for a in parsed] == [
+        " ".join(n.split()) for n in names
+    ]
+
+
+def test_long_words_and_lines_are_encoded_not_cut() -> None:
+    subject = "x" * 998  # the API's limit, one word: must be folded as encoded words
+    data, message = wire(row(subject=subject, text_body="y" * 5000))
+    assert_wire_format(data)
+    assert message["Subject"] == subject
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_content().rstrip("\r\n") == "y" * 5000
+
+
+def test_ascii_short_lines_go_as_7bit_and_long_recipient_lists_fold() -> None:
+    to = [f"User {i} <user{i}@example.com>" for i in range(40)]
+    data, message = wire(row(to_addrs=to, cc_addrs=[], bcc_addrs=[]))
+    assert message["Content-Transfer-Encoding"] == "7bit"
+    assert [str(a) for a in message["To"].addresses] == to
+    to_lines = data.split(b"\r\n\r\n")[0].split(b"\r\nSubject:")[0]
+    assert all(len(line) <= 78 for line in to_lines.split(b"\r\n"))
+
+
+def test_a_non_ascii_local_part_needs_smtputf8() -> None:
+    composed = build_message(
+        row(to_addrs=['"Jörg" <jörg@example.com>'], cc_addrs=[], bcc_addrs=[]), SETTINGS, now=NOW
+    )
+    assert composed.smtputf8
+    assert composed.recipients == ["jörg@example.com"]
+    message = message_from_string(composed.data.decode("utf-8"), policy=policy.SMTPUTF8)
+    assert message["To"].addresses[0].addr_spec == "jörg@example.com"
+    assert not build_message(row(), SETTINGS).smtputf8
