@@ -1,9 +1,11 @@
 """The relay: claim due outbox rows, hand them to the publisher, record what the broker
 confirmed.
 
-One ``run_once`` is one poll. It first records the publisher's outcomes in ONE
-transaction (group commit): confirmed rows are marked published, failed ones released
-with a back-off. Then, while the publisher is connected and has room, it claims rows
+One ``run_once`` is one poll. It hands the publisher's outcomes to the recorder, a
+thread that writes each lot in ONE transaction (group commit): confirmed rows are marked
+published, failed ones released with a back-off. One lot is recorded at a time, while
+the poll goes on claiming: recording and claiming overlap instead of taking turns. Then,
+while the publisher is connected and has room, the poll claims rows
 due before ``now + lookahead`` (lookahead = one poll interval and a margin, so a row is
 already in the publisher when its instant comes) and hands each over with the monotonic
 deadline at which the database clock reaches its ``fire_at``. It keeps claiming while
@@ -26,6 +28,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -81,8 +84,12 @@ class Relay:
         self._lookahead = timedelta(seconds=settings.relay_poll_interval + LOOKAHEAD_MARGIN_SECONDS)
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._window = outbox.ScanWindow()
+        # Outcomes not yet recorded; the poll adds, the recorder takes (under _outcomes).
         self._confirmed: list[int] = []
         self._failed: list[Result] = []
+        self._outcomes = threading.Lock()
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-record")
+        self._recording: Future[RunSummary | None] | None = None  # None: MySQL was away
         self._lock = threading.Lock()  # one run at a time, and close() waits for it
         self._stopping = threading.Event()
         self._db_down = False
@@ -96,7 +103,7 @@ class Relay:
         with self._lock:
             while True:
                 self._collect(timeout=0.0)
-                if not self._flush(summary, stopping=False):
+                if not self._record_in_background(summary):
                     return summary
                 if self._stopping.is_set() or not self._publisher.ready:
                     return summary
@@ -126,15 +133,21 @@ class Relay:
         self.stop_claiming()
         summary = RunSummary()
         with self._lock:
+            self._harvest(summary, wait=True)
+            self._recorder.shutdown()
             self._publisher.stop(timeout)
             self._collect(timeout=0.0)
-            if not self._flush(summary, stopping=True):
+            recorded = self._record(stopping=True)
+            if recorded is None:
                 log.warning(
                     "could not record %d confirmed and %d unpublished rows; "
                     "their leases will bring them back",
                     len(self._confirmed),
                     len(self._failed),
                 )
+            else:
+                summary.published += recorded.published
+                summary.failed += recorded.failed
         log.info(
             "relay %s stopped: %d published, %d handed back",
             self.relay_id,
@@ -152,18 +165,47 @@ class Relay:
 
     def _collect(self, timeout: float) -> bool:
         results = self._publisher.results(timeout)
-        for result in results:
-            if result.error is None:
-                self._confirmed.append(result.row.id)
-            else:
-                self._failed.append(result)
+        with self._outcomes:
+            for result in results:
+                if result.error is None:
+                    self._confirmed.append(result.row.id)
+                else:
+                    self._failed.append(result)
         return bool(results)
 
-    def _flush(self, summary: RunSummary, *, stopping: bool) -> bool:
-        """Record every outcome collected so far in one transaction. False: MySQL is away."""
-        if not self._confirmed and not self._failed:
+    def _record_in_background(self, summary: RunSummary) -> bool:
+        """Start recording the outcomes collected so far, unless a lot is being recorded
+        already: they then wait for the next one, but never more than two claims' worth
+        (what a crash would make the relay publish again). False: MySQL was away."""
+        with self._outcomes:
+            waiting = len(self._confirmed) + len(self._failed)
+        if not self._harvest(summary, wait=waiting >= 2 * self._batch):
+            return False
+        if self._recording is None and waiting:
+            self._recording = self._recorder.submit(self._record, stopping=False)
+        return True
+
+    def _harvest(self, summary: RunSummary, *, wait: bool) -> bool:
+        """Count a finished recording into ``summary``. False: it found MySQL away."""
+        recording = self._recording
+        if recording is None or not (wait or recording.done()):
             return True
-        confirmed, failed = self._confirmed, self._failed
+        self._recording = None
+        recorded = recording.result()
+        if recorded is None:
+            return False
+        summary.published += recorded.published
+        summary.failed += recorded.failed
+        return True
+
+    def _record(self, *, stopping: bool) -> RunSummary | None:
+        """Record every outcome collected so far in one transaction; None: MySQL is away
+        (the outcomes are kept for the next try)."""
+        with self._outcomes:
+            confirmed, failed = self._confirmed, self._failed
+            self._confirmed, self._failed = [], []
+        if not confirmed and not failed:
+            return RunSummary()
 
         def record(conn: Connection) -> None:
             now = db_now(conn)
@@ -174,19 +216,18 @@ class Relay:
         try:
             transaction(self._engine, record)
         except SQLAlchemyError as exc:
+            with self._outcomes:
+                self._confirmed[:0], self._failed[:0] = confirmed, failed
             self._database_error("recording publish outcomes", exc)
-            return False
+            return None
         self._database_back()
-        summary.published += len(confirmed)
-        summary.failed += len(failed)
         if failed and not stopping:
             log.warning(
                 "%d rows not published, due again after a back-off (first: %s)",
                 len(failed),
                 failed[0].error,
             )
-        self._confirmed, self._failed = [], []
-        return True
+        return RunSummary(published=len(confirmed), failed=len(failed))
 
     def _releases(
         self, conn: Connection, failed: list[Result], now: datetime, stopping: bool
