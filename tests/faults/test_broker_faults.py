@@ -326,13 +326,16 @@ def test_hung_broker_and_resource_alarm(
     client = stack.client(API_KEY)
     hang = 8.0  # longer than the relay's confirm timeout (half the 5 s lease, see publisher)
 
-    # 1. Hung broker: rows fall due before, during and after the freeze.
-    ledger.submit(
-        client, bodies(scaled(600), datetime.now(UTC) + timedelta(seconds=1), spread_seconds=6.0)
-    )
-    wait_until(lambda: len(published_rows(db)) > 0, 20, "publishing under way")
+    # 1. Hung broker: rows fall due before, during and after the freeze. They start falling
+    # due once the API has surely taken them all (200/s at least), so that many are still
+    # to come when the broker freezes.
+    n = scaled(600)
+    start = datetime.now(UTC) + timedelta(seconds=1 + n / 200)
+    ledger.submit(client, bodies(n, start, spread_seconds=6.0))
+    wait_until(lambda: len(published_rows(db)) > 0, 30 + n / 200, "publishing under way")
     node.freeze()
     frozen_at = time.monotonic()
+    assert unpublished(db) > n / 4, "too few rows left to fall due during the freeze"
     try:
         time.sleep(1.5)  # confirms that arrived before the freeze get recorded
         flagged = set(published_rows(db))

@@ -111,8 +111,9 @@ def test_transient_replies_retry_on_the_backoff_schedule(
             ).total_seconds()
             # equal jitter: never before half the delay (both ends on the database clock)
             assert gap >= delay / 2 - 0.001, (number, gap, delay, items)
-            # ... and not much after the full delay (a relay poll, a queue hop)
-            assert gap <= delay + 1.5, (number, gap, delay, items)
+            # ... and not much after the full delay: a relay poll, a queue hop, and at most
+            # the wait behind the plain emails queued at the start (drained at >= 100/s)
+            assert gap <= delay + 1.5 + plain / 100, (number, gap, delay, items)
             worst_late = max(worst_late, gap - delay)
     print(f"retry gaps: worst {worst_late:+.3f}s after the full delay")
 
