@@ -234,7 +234,8 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
         if who == "celery" and "rss" in results.get(who, {}):
             rss = results[who]["rss"]
             lines.append(
-                f"| celery worker RSS, none / {rss['scheduled']} ETA tasks | "
+                f"| celery worker RSS, none / {rss['scheduled']} ETA tasks published "
+                f"({rss.get('held_by_worker', '?')} taken in by the worker) | "
                 f"{rss['none']} / {rss['scheduled_kib']} KiB (apply_async "
                 f"{_fmt(rss['apply_async_per_s'])}/s) |"
             )
