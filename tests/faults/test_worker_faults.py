@@ -139,13 +139,17 @@ def test_crash_after_250_before_commit_sends_one_extra_copy_per_crash(
     figures.assert_guarantees(max_dup=injections)
     assert figures.dup == injections  # exactly one extra copy per injection
 
+    # Emails with an interrupted attempt: the one in flight at each crash (sent twice)
+    # and any batch-mates it had claimed but not tried yet (sent once). The database
+    # cannot tell the two apart, so both show the attempt as "outcome unknown".
     lost = lost_worker_attempts(db)
-    assert sum(lost.values()) == injections, lost
     client = stack.client(API_KEY)
     deliveries = smtp_sink.by_email_id()
+    extra = {email_id: len(deliveries[email_id]) - 1 for email_id in lost}
+    assert sum(extra.values()) == injections, (extra, lost)
     for email_id, interrupted in lost.items():
         copies = deliveries[email_id]
-        assert len(copies) == 1 + interrupted  # one extra copy per crash on this email
+        assert extra[email_id] <= interrupted  # at most one extra copy per crash on it
         resource = client.get(f"/v1/emails/{email_id}").json()
         assert {c.message_id for c in copies} == {resource["message_id"]}  # same Message-ID
         assert resource["status"] == "sent"
