@@ -48,9 +48,9 @@ def _connection() -> smtplib.SMTP:
     return _smtp
 
 
-# The message matches bench.raw.smtp_message on purpose but is built here (per task, as an
-# application would): importing the
-# bench (pika, SQLAlchemy, our services) would inflate the peer's memory figures.
+# The message matches bench.raw.smtp_message on purpose but is built here, per task as an
+# application would; importing the bench (pika, SQLAlchemy, our services) would inflate
+# the peer's memory figures.
 @app.task(name="bench.send_email", ignore_result=True)  # type: ignore[untyped-decorator]
 def send_email(email_id: str, index: int) -> None:
     global _smtp  # noqa: PLW0603
