@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import PoolResetState
 
 from services.core.schema import UTCDateTime
 
@@ -42,13 +43,14 @@ def create_db_engine(
     round trip per checkout; the relay and the worker, which retry any transaction that
     meets a dead connection anyway, go without it.
     """
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
         pool_timeout=10,
+        pool_reset_on_return=None,  # see _reset_after_errors
         isolation_level="READ COMMITTED",
         connect_args={
             "connect_timeout": 5,
@@ -58,6 +60,28 @@ def create_db_engine(
             "charset": "utf8mb4",
         },
     )
+    _reset_after_errors(engine)
+    return engine
+
+
+def _reset_after_errors(engine: Engine) -> None:
+    """Roll a pooled connection back on its return only when an error left it in doubt.
+
+    SQLAlchemy's ``Connection`` ends every transaction it began - commit, or rollback on
+    close - so a connection that saw no error comes back clean, and the pool's default
+    rollback-on-return is one more round trip after every unit of work (a fifth of a
+    worker's record transaction). The code here never uses raw DBAPI connections.
+    """
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _in_doubt(context: sa.engine.ExceptionContext) -> None:
+        if context.connection is not None and not context.connection.invalidated:
+            context.connection.info["in_doubt"] = True
+
+    @sa.event.listens_for(engine, "reset")
+    def _reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+        if record.info.pop("in_doubt", False) and not state.terminate_only:
+            dbapi_connection.rollback()
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Row
 
 from services.core import outbox
 from services.core.messages import DeliveryMessage
-from services.core.schema import attempts, emails
+from services.core.schema import UTCDateTime, attempts, emails
 
 CLAIMABLE = ("pending", "queued")
 
@@ -204,6 +204,30 @@ def _take(
     )
 
 
+# The worker records every email in a transaction of its own, so the statements of that
+# transaction are built once: SQLAlchemy then reuses their cache keys and compiled forms
+# (building and keying them per email cost more than the round trips themselves).
+_RECORD = (
+    emails.update()
+    .where(
+        emails.c.id == sa.bindparam("b_id"),
+        emails.c.version == sa.bindparam("b_version"),
+        emails.c.status == "sending",
+    )
+    .values(
+        status=sa.bindparam("b_status", type_=sa.String()),
+        version=sa.bindparam("b_new_version", type_=sa.Integer()),
+        due_at=sa.bindparam("b_due_at", type_=UTCDateTime()),
+        attempts=sa.bindparam("b_attempts", type_=sa.Integer()),
+        lease_until=None,
+        sent_at=sa.bindparam("b_sent_at", type_=UTCDateTime()),
+        last_error=sa.bindparam("b_last_error", type_=sa.String()),
+        updated_at=sa.bindparam("b_updated_at", type_=UTCDateTime()),
+    )
+)
+_INSERT_ATTEMPTS = attempts.insert()
+
+
 def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     """Record one attempt and the email's new status; drop its recovery outbox row.
 
@@ -212,29 +236,36 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     one email. ``row`` is the email as claimed. An email whose lease ran out meanwhile
     (another worker took it up: its version moved on) is left alone and False returned;
     the recovery path has already recorded that attempt as "outcome unknown".
+
+    Every column the UPDATE sets is computed from ``row``: the version condition makes
+    the claimed row the row being updated.
     """
-    values: dict[str, Any] = {"lease_until": None, "updated_at": result.finished_at}
-    if result.outcome == "sent":
-        values.update(status="sent", sent_at=result.finished_at, last_error=None)
+    sent = result.outcome == "sent"
+    retry = not sent and result.retry_at is not None
+    if sent:
+        status = "sent"
     else:
-        values["last_error"] = _describe(result)
-        if result.retry_at is not None:
-            values.update(status="pending", version=row.version + 1, due_at=result.retry_at)
-        else:
-            values["status"] = "failed"
-        if result.outcome == "released":
-            values["attempts"] = row.attempts - 1
+        status = "pending" if retry else "failed"
     owned = conn.execute(
-        emails.update()
-        .where(emails.c.id == row.id, emails.c.version == row.version, emails.c.status == "sending")
-        .values(**values)
+        _RECORD,
+        {
+            "b_id": row.id,
+            "b_version": row.version,
+            "b_status": status,
+            "b_new_version": row.version + 1 if retry else row.version,
+            "b_due_at": result.retry_at if retry else row.due_at,
+            "b_attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
+            "b_sent_at": result.finished_at if sent else row.sent_at,
+            "b_last_error": None if sent else _describe(result),
+            "b_updated_at": result.finished_at,
+        },
     ).rowcount
     if not owned:
         return False
     if result.outcome != "released":
         _insert_attempts(conn, [(row, result)])
     outbox.discard_pending(conn, row.id, row.version)
-    if result.outcome != "sent" and result.retry_at is not None:
+    if retry and result.retry_at is not None:
         outbox.add(conn, [outbox.Entry(row.id, row.version + 1, result.retry_at)])
     return True
 
@@ -248,7 +279,7 @@ def _insert_attempts(conn: Connection, results: Sequence[tuple[Row[Any], Outcome
     if not results:
         return
     conn.execute(
-        attempts.insert(),
+        _INSERT_ATTEMPTS,
         [
             {
                 "email_id": row.id,

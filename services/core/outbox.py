@@ -188,12 +188,19 @@ def release(conn: Connection, ids: Iterable[int], *, available_at: datetime, err
     )
 
 
+_DISCARD_PENDING = outbox.delete().where(
+    outbox.c.email_id == sa.bindparam("b_email_id"), outbox.c.published_at.is_(None)
+)
+_DISCARD_VERSION = _DISCARD_PENDING.where(outbox.c.version == sa.bindparam("b_version"))
+
+
 def discard_pending(conn: Connection, email_id: str, version: int | None = None) -> None:
-    """Drop the unpublished rows of an email (all, or those of one version)."""
-    condition = [outbox.c.email_id == email_id, outbox.c.published_at.is_(None)]
-    if version is not None:
-        condition.append(outbox.c.version == version)
-    conn.execute(outbox.delete().where(*condition))
+    """Drop the unpublished rows of an email (all, or those of one version). The worker
+    calls this once per email recorded: the statements are built once."""
+    if version is None:
+        conn.execute(_DISCARD_PENDING, {"b_email_id": email_id})
+    else:
+        conn.execute(_DISCARD_VERSION, {"b_email_id": email_id, "b_version": version})
 
 
 def publish_attempts(conn: Connection, ids: Iterable[int]) -> dict[int, int]:
