@@ -4,8 +4,9 @@ through ``tests.support.stack``), each on the run's own database and queue.
 - api: ``POST /v1/emails`` closed loop at 1, 8, 32 concurrent clients (req/s, p50/p99);
   open loop at fixed offered rates (latency measured from the intended send instant, so
   queueing counts); ``POST /v1/emails/batch`` of 100 emails from 8 clients (emails/s).
-  Clients are threads of the bench process, each with its own keep-alive httpx client;
-  the API is its own process (one uvicorn worker), so client and server CPU are apart.
+  Clients are threads of the bench process, each on a keep-alive connection of
+  ``bench.httpload`` (pre-rendered requests over plain sockets: the load generator shares
+  the two cores with the API, so it must cost little CPU); the API is its own process.
 - relay: 50,000 rows made due in one UPDATE, then 1 or 2 running relays (woken through
   Redis as the API would) until every row is in the queue and flagged published.
 - worker: 1 or 2 running worker processes, queue pre-filled with ``DeliveryMessage``s for
@@ -27,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pika
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -53,6 +53,7 @@ from bench.common import (
     summary,
     wait_until,
 )
+from bench.httpload import HttpLoad
 from services.core import outbox
 from services.core.broker import connection_parameters, declare_topology, message_properties
 from services.core.db import db_now, transaction
@@ -82,35 +83,8 @@ def email_body(send_at: datetime) -> dict[str, Any]:
 # --- API -----------------------------------------------------------------------------------
 
 
-class Clients:
-    """One keep-alive httpx client per thread."""
-
-    def __init__(self, base_url: str) -> None:
-        self._base = base_url
-        self._local = threading.local()
-        self._all: list[httpx.Client] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> httpx.Client:
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx.Client(
-                base_url=self._base,
-                headers={"Authorization": f"Bearer {API_KEY}"},
-                timeout=30,
-            )
-            self._local.client = client
-            with self._lock:
-                self._all.append(client)
-        return client
-
-    def close(self) -> None:
-        for client in self._all:
-            client.close()
-
-
 def closed_loop(
-    clients: Clients, concurrency: int, duration: float, path: str, body: dict[str, Any]
+    load: HttpLoad, concurrency: int, duration: float, request: bytes
 ) -> tuple[float, list[float], int]:
     """(requests/s, latencies, errors) with ``concurrency`` clients back to back."""
     end = time.monotonic() + duration
@@ -118,14 +92,14 @@ def closed_loop(
     errors = [0] * concurrency
 
     def client_loop(index: int) -> None:
-        client = clients.get()
-        while time.monotonic() < end:
-            start = time.perf_counter()
-            response = client.post(path, json=body)
-            if response.status_code != 201:
-                errors[index] += 1
-                continue
-            latencies[index].append(time.perf_counter() - start)
+        with load.connection() as conn:
+            while time.monotonic() < end:
+                start = time.perf_counter()
+                status, _ = conn.request(request)
+                if status != 201:
+                    errors[index] += 1
+                    continue
+                latencies[index].append(time.perf_counter() - start)
 
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -136,7 +110,7 @@ def closed_loop(
 
 
 def open_loop(
-    clients: Clients, rate: float, duration: float, body: dict[str, Any]
+    load: HttpLoad, rate: float, duration: float, request: bytes
 ) -> tuple[list[float], int, float]:
     """Requests fired at ``rate``/s; latency from each request's intended instant."""
     count = int(rate * duration)
@@ -150,10 +124,11 @@ def open_loop(
         wait = due - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        response = clients.get().post("/v1/emails", json=body)
+        with load.connection() as conn:
+            status, _ = conn.request(request)
         done = time.monotonic()
         with lock:
-            if response.status_code == 201:
+            if status == 201:
                 latencies.append(done - due)
             else:
                 errors[0] += 1
@@ -173,15 +148,14 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
     single = email_body(future)
     with running_stack(settings, env.workdir) as stack:
         api = stack.start_api()
-        clients = Clients(stack.api_url)
-        closed_loop(clients, 8, 1.0, "/v1/emails", single)  # warm-up
+        load = HttpLoad(stack.api_url, API_KEY)
+        create = load.render_post("/v1/emails", single)
+        closed_loop(load, 8, 1.0, create)  # warm-up
         for concurrency in (1, 8, 32):
             rates, p50s, p99s, errs = [], [], [], 0
             for rep in range(reps):
                 progress(section, f"POST /v1/emails, {concurrency} clients, run {rep + 1}/{reps}")
-                rate, lat, errors = closed_loop(
-                    clients, concurrency, duration, "/v1/emails", single
-                )
+                rate, lat, errors = closed_loop(load, concurrency, duration, create)
                 rates.append(rate)
                 p50s.append(percentile(lat, 50) * 1000)
                 p99s.append(percentile(lat, 99) * 1000)
@@ -196,7 +170,7 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
             p50s, p99s, achieved, errs = [], [], [], 0
             for rep in range(reps):
                 progress(section, f"open loop {rate} req/s, run {rep + 1}/{reps}")
-                lat, errors, got = open_loop(clients, rate, duration, single)
+                lat, errors, got = open_loop(load, rate, duration, create)
                 p50s.append(percentile(lat, 50) * 1000)
                 p99s.append(percentile(lat, 99) * 1000)
                 achieved.append(got)
@@ -208,15 +182,15 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
                 "p99_ms": summary(p99s),
                 "errors": errs,
             }
-        batch = {"emails": [single] * 100}
+        batch = load.render_post("/v1/emails/batch", {"emails": [single] * 100})
         rates = []
         for rep in range(reps):
             progress(section, f"POST /v1/emails/batch (100 each), 8 clients, run {rep + 1}/{reps}")
-            rate, _lat, _errors = closed_loop(clients, 8, duration, "/v1/emails/batch", batch)
+            rate, _lat, _errors = closed_loop(load, 8, duration, batch)
             rates.append(rate * 100)
         out["batch100_c8"] = {"emails_per_s": summary(rates)}
         out["api_rss_kib"] = rss_kib(api.pid)
-        clients.close()
+        load.close()
         stack.stop_all()
     env.truncate()
 

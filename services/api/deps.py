@@ -50,7 +50,13 @@ class Runtime:
         return digest.hex()[:32] if matched else None
 
 
-def get_runtime(request: Request) -> Runtime:
+# The dependencies below are ``async def`` although they never await: FastAPI runs a plain
+# ``def`` dependency on the request thread pool (services/api/app.py), where it would
+# queue behind requests waiting for MySQL. They only compute; the routes, which block on
+# MySQL, stay sync and run on that pool.
+
+
+async def get_runtime(request: Request) -> Runtime:
     return cast(Runtime, request.app.state.runtime)
 
 
@@ -59,7 +65,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 _bearer = HTTPBearer(auto_error=False, description="One of the API_KEYS")
 
 
-def authenticate(
+async def authenticate(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
@@ -76,7 +82,7 @@ def authenticate(
 OwnerDep = Annotated[str, Depends(authenticate)]
 
 
-def idempotency_key(
+async def idempotency_key(
     key: Annotated[
         str | None,
         Header(

@@ -242,10 +242,7 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     """
     sent = result.outcome == "sent"
     retry = not sent and result.retry_at is not None
-    if sent:
-        status = "sent"
-    else:
-        status = "pending" if retry else "failed"
+    status = "sent" if sent else ("pending" if retry else "failed")
     owned = conn.execute(
         _RECORD,
         {

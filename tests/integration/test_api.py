@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
-from services.api.app import create_app
+from services.api.app import REQUEST_THREADS, create_app
 from services.api.deps import fingerprint
 from services.core.schema import attempts, emails, idempotency_keys, outbox
 from services.core.settings import Settings
@@ -619,6 +619,55 @@ def test_database_unreachable_is_503_never_500(settings: Settings) -> None:
             assert reply.json() == {"detail": "database unavailable, retry later"}
         assert dead.get("/readyz").status_code == 503
         assert dead.get("/healthz").status_code == 200
+
+
+def test_requests_wait_for_mysql_on_a_bounded_pool_and_healthz_still_answers(
+    settings: Settings, db: Engine
+) -> None:
+    """While MySQL holds every create (a table lock), at most REQUEST_THREADS of them wait
+    inside MySQL, the rest queue in the API, /healthz answers at once, and every create
+    is a 201 once the lock goes."""
+    creates = REQUEST_THREADS + 4
+    database = db.url.database
+
+    def waiting_in_mysql() -> int:
+        with db.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT COUNT(*) FROM information_schema.processlist"
+                        " WHERE db = :db AND state LIKE 'Waiting for table%lock'"
+                    ),
+                    {"db": database},
+                ).scalar_one()
+            )
+
+    with (
+        live_server(settings) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+        ThreadPoolExecutor(creates) as pool,
+        db.connect() as locker,
+    ):
+        locker.execute(sa.text("LOCK TABLES outbox WRITE"))
+        try:
+            replies = [
+                pool.submit(http.post, "/v1/emails", json=email(), headers=AUTH)
+                for _ in range(creates)
+            ]
+            deadline = time.monotonic() + 20
+            while waiting_in_mysql() < REQUEST_THREADS:
+                assert time.monotonic() < deadline, f"{waiting_in_mysql()} creates in MySQL"
+                time.sleep(0.05)
+            started = time.monotonic()
+            assert http.get("/healthz").status_code == 200
+            assert time.monotonic() - started < 1.0
+            time.sleep(0.5)  # the queued ones stay queued
+            assert waiting_in_mysql() == REQUEST_THREADS
+            assert not any(reply.done() for reply in replies)
+        finally:
+            locker.execute(sa.text("UNLOCK TABLES"))
+        assert [reply.result().status_code for reply in replies] == [201] * creates
+    assert count(db, emails) == creates
 
 
 def test_readyz_with_the_database_up(client: TestClient) -> None:

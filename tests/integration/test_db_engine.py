@@ -97,10 +97,16 @@ def test_a_connection_closed_mid_transaction_comes_back_rolled_back(
 def test_an_error_inside_a_unit_of_work_leaves_nothing_open(
     one_connection: Engine, db: Engine
 ) -> None:
-    with pytest.raises(sa.exc.IntegrityError), unit_of_work(one_connection) as conn:
+    with one_connection.connect() as conn:
         conn_id, _ = _session(conn)
-        conn.execute(attempts.insert().values(**_attempt("twice")))
-        conn.execute(attempts.insert().values(**_attempt("twice")))  # (email_id, number) unique
+
+    def insert_twice() -> None:
+        with unit_of_work(one_connection) as conn:
+            conn.execute(attempts.insert().values(**_attempt("twice")))
+            conn.execute(attempts.insert().values(**_attempt("twice")))  # (email_id, number)
+
+    with pytest.raises(sa.exc.IntegrityError):
+        insert_twice()
     assert _open_transactions(db, conn_id) == 0
     assert _rows(db) == 0
     with unit_of_work(one_connection) as conn:  # and the connection is fit for the next one

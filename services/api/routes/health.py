@@ -17,8 +17,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> HealthOut:
-    """200 while the process can answer at all."""
+async def healthz() -> HealthOut:
+    """200 while the process can answer at all - also while every request thread waits
+    for MySQL: this one runs on the event loop."""
     return HealthOut(status="ok")
 
 
