@@ -6,7 +6,8 @@ through ``tests.support.stack``), each on the run's own database and queue.
   queueing counts); ``POST /v1/emails/batch`` of 100 emails from 8 clients (emails/s).
   Clients are threads of the bench process, each on a keep-alive connection of
   ``bench.httpload`` (pre-rendered requests over plain sockets: the load generator shares
-  the two cores with the API, so it must cost little CPU); the API is its own process.
+  the two cores with the API, so it must cost little CPU); the API runs apart, with
+  ``API_WORKERS=2`` (one server process per core).
 - relay: 50,000 rows made due in one UPDATE, then 1 or 2 running relays (woken through
   Redis as the API would) until every row is in the queue and flagged published.
 - worker: 1 or 2 running worker processes, queue pre-filled with ``DeliveryMessage``s for
@@ -42,6 +43,7 @@ from bench.common import (
     Ticker,
     broker_pid,
     bulk_future_rows,
+    children,
     insert_emails,
     latency_summary,
     percentile,
@@ -61,6 +63,7 @@ from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
 from tests.support.stack import Process, Stack, running_stack
 
+API_WORKERS = 2  # API_WORKERS for the api section
 BURST_LEAD = {5000: 8.0, 20000: 20.0}  # seconds between scheduling and the shared send_at
 ONTIME_LEAD = 15.0  # seconds between the start of scheduling and the first send_at
 BURST_CUTOFF = 90.0  # seconds after send_at: a burst still arriving then is cut off
@@ -143,7 +146,8 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
     section = "api"
     reps, duration = 3, (1.5 if env.quick else 3.0)
     out: dict[str, Any] = results.setdefault("api", {})
-    settings = env.settings(env.queue("api"))
+    # Two server processes, one per core: how the API would be run on this machine.
+    settings = env.settings(env.queue("api"), api_workers=API_WORKERS)
     future = datetime.now(UTC) + timedelta(days=1)
     single = email_body(future)
     with running_stack(settings, env.workdir) as stack:
@@ -189,7 +193,8 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
             rate, _lat, _errors = closed_loop(load, 8, duration, batch)
             rates.append(rate * 100)
         out["batch100_c8"] = {"emails_per_s": summary(rates)}
-        out["api_rss_kib"] = rss_kib(api.pid)
+        out["api_workers"] = API_WORKERS
+        out["api_rss_kib"] = rss_kib(api.pid) + sum(rss_kib(kid) for kid in children(api.pid))
         load.close()
         stack.stop_all()
     env.truncate()

@@ -4,6 +4,10 @@ On SIGTERM uvicorn stops accepting connections and lets requests in flight finis
 ``GRACEFUL_SHUTDOWN_SECONDS``): an accepted email is always committed or never answered.
 Afterwards uvicorn raises the signal again for the handler that was there before it; ours
 turns that into exit status 0, since stopping on request is a clean stop.
+
+With ``API_WORKERS`` > 1 uvicorn's supervisor runs that many server processes on the
+one listening socket, each building its app with ``app_from_environment``; on SIGTERM it
+passes the signal on, each process finishes its requests as above, and it exits 0.
 """
 
 from __future__ import annotations
@@ -51,15 +55,33 @@ def main() -> int:
     except ValueError as exc:
         log.error("not starting: %s", exc)
         return EXIT_CONFIG
-    log.info("api listening on %s:%d", settings.api_host, settings.api_port)
-    uvicorn.run(
-        app,
-        host=settings.api_host,
-        port=settings.api_port,
-        log_config=None,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    options = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "log_config": None,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+    }
+    if settings.api_workers == 1:
+        log.info("api listening on %s:%d", settings.api_host, settings.api_port)
+        uvicorn.run(app, **options)  # type: ignore[arg-type]
+        return 0
+    # Each process builds its own app (engine, pool, Redis): the one built above only
+    # proved that the settings make a working app before any process is started.
+    del app
+    log.info(
+        "api listening on %s:%d with %d processes",
+        settings.api_host,
+        settings.api_port,
+        settings.api_workers,
     )
+    uvicorn.run(
+        "services.api.app:app_from_environment",
+        factory=True,
+        workers=settings.api_workers,
+        **options,  # type: ignore[arg-type]
+    )
+    log.info("api stopped")
     return 0
 
 

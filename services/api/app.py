@@ -19,6 +19,7 @@ from services.api.routes import emails, health
 from services.api.schemas import normalize_address
 from services.core.db import check_durability, create_db_engine
 from services.core.fastpath import FastPath
+from services.core.logs import configure_logging
 from services.core.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -87,3 +88,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(emails.router)
     app.include_router(health.router)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of ``API_WORKERS`` server processes: settings from the environment
+    (the supervisor already validated them), logging set up in this process too."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

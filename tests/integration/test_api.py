@@ -764,3 +764,87 @@ def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert "Shutting down" in output
     assert API_KEY not in output
+
+
+def _servers(pid: int) -> set[int]:
+    """PIDs of the server processes uvicorn's supervisor ``pid`` spawned (from /proc;
+    multiprocessing's resource tracker, also a child, is left out)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == pid and b"spawn_main" in cmdline:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def test_api_workers_serve_from_several_processes_and_stop_cleanly(
+    database_url: str, db: Engine, tmp_path: Path
+) -> None:
+    """API_WORKERS=2: two server processes share the port and answer creates; SIGTERM
+    lets both finish and stop, and the API exits 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "API_KEYS": API_KEY,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "API_WORKERS": "2",
+        "MAIL_FROM": "sender@example.com",
+        "REDIS_URL": "",
+        "PYTHONPATH": str(REPO),
+        "DATABASE_URL": database_url,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.api"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so that a failed test can end the server processes too
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while len(_servers(process.pid)) < 2 or not _answers(url):
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the API processes did not come up"
+            time.sleep(0.1)
+        servers = _servers(process.pid)
+        # Concurrent creates, each on a new connection, for whichever process accepts it.
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: (
+                        httpx.post(
+                            f"{url}/v1/emails", json=email(), headers=AUTH, timeout=30
+                        ).status_code
+                    ),
+                    range(64),
+                )
+            )
+        assert codes == [201] * 64
+        assert count(db, emails) == 64
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, output
+    assert len(servers) == 2, output
+    assert output.count("Application startup complete") == 2, output
+    assert output.count("Application shutdown complete") == 2, output
+    assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
+    assert API_KEY not in output
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
