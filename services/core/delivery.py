@@ -140,19 +140,15 @@ def _claim_one(
         return _take(conn, row, now=now, lease_until=lease_until, token=token)
     # A worker claimed this email and vanished before recording the outcome. The SMTP
     # server may or may not have the message: this is the documented duplicate window.
-    _insert_attempts(
+    _insert_attempt(
         conn,
-        [
-            (
-                row,
-                Outcome(
-                    "transient_error",
-                    started_at=row.updated_at,
-                    finished_at=now,
-                    error="worker lost during delivery; outcome unknown",
-                ),
-            )
-        ],
+        row,
+        Outcome(
+            "transient_error",
+            started_at=row.updated_at,
+            finished_at=now,
+            error="worker lost during delivery; outcome unknown",
+        ),
     )
     if row.attempts >= max_attempts:
         conn.execute(
@@ -225,7 +221,7 @@ _RECORD = (
         updated_at=sa.bindparam("b_updated_at", type_=UTCDateTime()),
     )
 )
-_INSERT_ATTEMPTS = attempts.insert()
+_INSERT_ATTEMPT = attempts.insert()
 
 
 def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
@@ -260,7 +256,7 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     if not owned:
         return False
     if result.outcome != "released":
-        _insert_attempts(conn, [(row, result)])
+        _insert_attempt(conn, row, result)
     outbox.discard_pending(conn, row.id, row.version)
     if retry and result.retry_at is not None:
         outbox.add(conn, [outbox.Entry(row.id, row.version + 1, result.retry_at)])
@@ -272,21 +268,16 @@ def _describe(result: Outcome) -> str:
     return (f"{result.smtp_code} {text}" if result.smtp_code else text)[:2000]
 
 
-def _insert_attempts(conn: Connection, results: Sequence[tuple[Row[Any], Outcome]]) -> None:
-    if not results:
-        return
+def _insert_attempt(conn: Connection, row: Row[Any], result: Outcome) -> None:
     conn.execute(
-        _INSERT_ATTEMPTS,
-        [
-            {
-                "email_id": row.id,
-                "number": row.attempts,
-                "started_at": result.started_at,
-                "finished_at": result.finished_at,
-                "outcome": result.outcome,
-                "smtp_code": result.smtp_code,
-                "error": None if result.error is None else result.error[:2000],
-            }
-            for row, result in results
-        ],
+        _INSERT_ATTEMPT,
+        {
+            "email_id": row.id,
+            "number": row.attempts,
+            "started_at": result.started_at,
+            "finished_at": result.finished_at,
+            "outcome": result.outcome,
+            "smtp_code": result.smtp_code,
+            "error": None if result.error is None else result.error[:2000],
+        },
     )
