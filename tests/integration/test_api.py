@@ -723,7 +723,11 @@ def test_process_refuses_to_start_without_api_keys(tmp_path: Path) -> None:
     assert "API_KEYS is empty" in result.stderr
 
 
-def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def start_api_process(
+    tmp_path: Path, database_url: str, **extra_env: str
+) -> tuple[subprocess.Popen[str], int]:
+    """``python -m services.api`` on a free loopback port in its own session (so that a
+    failing test can end every process it started), output piped: (process, port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -734,7 +738,8 @@ def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "API_PORT": str(port),
         "REDIS_URL": "",
         "PYTHONPATH": str(REPO),
-        "DATABASE_URL": "mysql+pymysql://root@127.0.0.1:1/none",
+        "DATABASE_URL": database_url,
+        **extra_env,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "services.api"],
@@ -743,7 +748,13 @@ def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+    return process, port
+
+
+def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    process, port = start_api_process(tmp_path, "mysql+pymysql://root@127.0.0.1:1/none")
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -784,28 +795,8 @@ def test_api_workers_serve_from_several_processes_and_stop_cleanly(
 ) -> None:
     """API_WORKERS=2: two server processes share the port and answer creates; SIGTERM
     lets both finish and stop, and the API exits 0."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "API_KEYS": API_KEY,
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
-        "API_WORKERS": "2",
-        "MAIL_FROM": "sender@example.com",
-        "REDIS_URL": "",
-        "PYTHONPATH": str(REPO),
-        "DATABASE_URL": database_url,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.api"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # so that a failed test can end the server processes too
+    process, port = start_api_process(
+        tmp_path, database_url, API_WORKERS="2", MAIL_FROM="sender@example.com"
     )
     try:
         url = f"http://127.0.0.1:{port}"
