@@ -237,16 +237,16 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     the claimed row the row being updated.
     """
     sent = result.outcome == "sent"
-    retry = not sent and result.retry_at is not None
-    status = "sent" if sent else ("pending" if retry else "failed")
+    retry_at = None if sent else result.retry_at  # set: pending again, due at retry_at
+    status = "sent" if sent else ("pending" if retry_at else "failed")
     owned = conn.execute(
         _RECORD,
         {
             "b_id": row.id,
             "b_version": row.version,
             "b_status": status,
-            "b_new_version": row.version + 1 if retry else row.version,
-            "b_due_at": result.retry_at if retry else row.due_at,
+            "b_new_version": row.version + 1 if retry_at else row.version,
+            "b_due_at": retry_at or row.due_at,
             "b_attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
             "b_sent_at": result.finished_at if sent else row.sent_at,
             "b_last_error": None if sent else _describe(result),
@@ -258,8 +258,8 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     if result.outcome != "released":
         _insert_attempt(conn, row, result)
     outbox.discard_pending(conn, row.id, row.version)
-    if retry and result.retry_at is not None:
-        outbox.add(conn, [outbox.Entry(row.id, row.version + 1, result.retry_at)])
+    if retry_at is not None:
+        outbox.add(conn, [outbox.Entry(row.id, row.version + 1, retry_at)])
     return True
 
 
