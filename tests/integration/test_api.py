@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
-from services.api.app import REQUEST_THREADS, create_app
+from services.api.app import create_app
 from services.api.deps import fingerprint
 from services.core.schema import attempts, emails, idempotency_keys, outbox
 from services.core.settings import Settings
@@ -624,10 +624,12 @@ def test_database_unreachable_is_503_never_500(settings: Settings) -> None:
 def test_requests_wait_for_mysql_on_a_bounded_pool_and_healthz_still_answers(
     settings: Settings, db: Engine
 ) -> None:
-    """While MySQL holds every create (a table lock), at most REQUEST_THREADS of them wait
+    """While MySQL holds every create (a table lock), at most API_THREADS of them wait
     inside MySQL, the rest queue in the API, /healthz answers at once, and every create
     is a 201 once the lock goes."""
-    creates = REQUEST_THREADS + 4
+    threads = 3  # not the default, so the setting is what bounds them
+    settings = settings.model_copy(update={"api_threads": threads})
+    creates = threads + 4
     database = db.url.database
 
     def waiting_in_mysql() -> int:
@@ -655,14 +657,14 @@ def test_requests_wait_for_mysql_on_a_bounded_pool_and_healthz_still_answers(
                 for _ in range(creates)
             ]
             deadline = time.monotonic() + 20
-            while waiting_in_mysql() < REQUEST_THREADS:
+            while waiting_in_mysql() < threads:
                 assert time.monotonic() < deadline, f"{waiting_in_mysql()} creates in MySQL"
                 time.sleep(0.05)
             started = time.monotonic()
             assert http.get("/healthz").status_code == 200
             assert time.monotonic() - started < 1.0
             time.sleep(0.5)  # the queued ones stay queued
-            assert waiting_in_mysql() == REQUEST_THREADS
+            assert waiting_in_mysql() == threads
             assert not any(reply.done() for reply in replies)
         finally:
             locker.execute(sa.text("UNLOCK TABLES"))

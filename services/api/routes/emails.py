@@ -119,16 +119,25 @@ def _scope(
     return Scope.of(owner, key, route, body.model_dump(mode="json", by_alias=True))
 
 
-def _answer(outcome: Outcome, response: Response) -> list[EmailOut]:
-    if outcome.replayed:
-        response.status_code = status.HTTP_200_OK
-        response.headers[REPLAYED_HEADER] = "true"
-    return [EmailOut.from_row(row) for row in outcome.rows]
+def _answer(outcome: Outcome, body: EmailOut | EmailBatch) -> Response:
+    """201 with the created email(s), or 200 and ``Idempotent-Replayed`` for a replay.
+
+    Rendered here by pydantic's serializer, as FastAPI would render the route's
+    ``response_model``, without FastAPI validating the model again on the way out (a
+    sixth of the API's CPU per create).
+    """
+    return Response(
+        body.model_dump_json(by_alias=True),
+        status_code=status.HTTP_200_OK if outcome.replayed else status.HTTP_201_CREATED,
+        headers={REPLAYED_HEADER: "true"} if outcome.replayed else None,
+        media_type="application/json",
+    )
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
+    response_model=EmailOut,
     responses={200: {**_REPLAY, "model": EmailOut}, **_CREATE},
 )
 def create_email(
@@ -136,17 +145,17 @@ def create_email(
     owner: OwnerDep,
     runtime: RuntimeDep,
     key: IdempotencyKeyDep,
-    response: Response,
-) -> EmailOut:
+) -> Response:
     """Schedule one email. 201 once committed (email and outbox row together)."""
     items = _new_emails(runtime, [body], lambda _: ("body",))
     outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "single", body))
-    return _answer(outcome, response)[0]
+    return _answer(outcome, EmailOut.from_row(outcome.rows[0]))
 
 
 @router.post(
     "/batch",
     status_code=status.HTTP_201_CREATED,
+    response_model=EmailBatch,
     responses={200: {**_REPLAY, "model": EmailBatch}, **_CREATE},
 )
 def create_batch(
@@ -154,12 +163,11 @@ def create_batch(
     owner: OwnerDep,
     runtime: RuntimeDep,
     key: IdempotencyKeyDep,
-    response: Response,
-) -> EmailBatch:
+) -> Response:
     """Schedule 1..1000 emails in one transaction: all of them, in order, or none."""
     items = _new_emails(runtime, body.emails, lambda index: ("body", "emails", index))
     outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "batch", body))
-    return EmailBatch(items=_answer(outcome, response))
+    return _answer(outcome, EmailBatch(items=[EmailOut.from_row(row) for row in outcome.rows]))
 
 
 @router.get("")
