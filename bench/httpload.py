@@ -113,6 +113,9 @@ class HttpLoad:
         )
         return head.encode() + body
 
+    def render_get(self, path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n\r\n".encode()
+
     @contextmanager
     def connection(self) -> Iterator[HttpConnection]:
         """A pooled connection for the caller's thread, returned afterwards."""

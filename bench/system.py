@@ -94,10 +94,15 @@ def email_body(send_at: datetime, index: int = 0) -> dict[str, Any]:
 
 
 def closed_loop(
-    load: HttpLoad, concurrency: int, duration: float, requests: Sequence[bytes]
+    load: HttpLoad,
+    concurrency: int,
+    duration: float,
+    requests: Sequence[bytes],
+    *,
+    expect: int = 201,
 ) -> tuple[float, list[float], int]:
     """(requests/s, latencies, errors) with ``concurrency`` clients back to back, taking
-    the rendered ``requests`` in turn."""
+    the rendered ``requests`` in turn; a status other than ``expect`` is an error."""
     end = time.monotonic() + duration
     turn = itertools.count()
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -109,7 +114,7 @@ def closed_loop(
                 request = requests[next(turn) % len(requests)]
                 start = time.perf_counter()
                 status, _ = conn.request(request)
-                if status != 201:
+                if status != expect:
                     errors[index] += 1
                     continue
                 latencies[index].append(time.perf_counter() - start)
@@ -180,6 +185,17 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
                 "p99_ms": summary(p99s),
                 "errors": errs,
             }
+        # The floor under every figure above: the same server processes answering
+        # GET /healthz (HTTP, routing, JSON out; no body, no thread hand-off, no MySQL).
+        healthz = [load.render_get("/healthz")]
+        for concurrency in (1, 8):
+            rates, p50s = [], []
+            for rep in range(reps):
+                progress(section, f"GET /healthz, {concurrency} clients, run {rep + 1}/{reps}")
+                rate, lat, _errors = closed_loop(load, concurrency, duration, healthz, expect=200)
+                rates.append(rate)
+                p50s.append(percentile(lat, 50) * 1000)
+            out[f"healthz_c{concurrency}"] = {"req_per_s": summary(rates), "p50_ms": summary(p50s)}
         for rate in (50, 100, 200):
             p50s, p99s, achieved, errs = [], [], [], 0
             for rep in range(reps):
