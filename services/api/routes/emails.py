@@ -123,8 +123,8 @@ def _answer(outcome: Outcome, body: EmailOut | EmailBatch) -> Response:
     """201 with the created email(s), or 200 and ``Idempotent-Replayed`` for a replay.
 
     Rendered here by pydantic's serializer, as FastAPI would render the route's
-    ``response_model``, without FastAPI validating the model again on the way out (a
-    sixth of the API's CPU per create).
+    ``response_model``, without FastAPI validating the model again on the way out (7 %
+    of a create's Python time).
     """
     return Response(
         body.model_dump_json(by_alias=True),
