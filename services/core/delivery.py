@@ -263,6 +263,33 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
     return True
 
 
+def recorded_before(conn: Connection, row: Row[Any], result: Outcome) -> bool:
+    """Whether ``result`` is already recorded: a retried ``record`` whose first commit
+    landed although its answer was lost with the connection. An attempt leaves its row,
+    told apart from the recovery path's "outcome unknown" by its outcome and finish time;
+    a release leaves the email pending at the next version, updated when it finished
+    (unless another worker has claimed it since: nothing was sent, so no matter)."""
+    if result.outcome == "released":
+        found = conn.execute(
+            sa.select(emails.c.id).where(
+                emails.c.id == row.id,
+                emails.c.version == row.version + 1,
+                emails.c.status == "pending",
+                emails.c.updated_at == result.finished_at,
+            )
+        ).first()
+    else:
+        found = conn.execute(
+            sa.select(attempts.c.id).where(
+                attempts.c.email_id == row.id,
+                attempts.c.number == row.attempts,
+                attempts.c.outcome == result.outcome,
+                attempts.c.finished_at == result.finished_at,
+            )
+        ).first()
+    return found is not None
+
+
 def _describe(result: Outcome) -> str:
     text = result.error or result.outcome
     return (f"{result.smtp_code} {text}" if result.smtp_code else text)[:2000]

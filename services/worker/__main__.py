@@ -180,7 +180,7 @@ class Consumer:
     ) -> None:
         try:
             decisions = self._worker.handle_batch(
-                [d.body for d in batch], pause=_heartbeat_sleep(connection)
+                [d.body for d in batch], pause=self._pause(connection)
             )
         except Exception:  # a bug must not kill the consumer, nor loop the messages
             for delivery in batch:
@@ -215,6 +215,21 @@ class Consumer:
         if self._worker.smtp_down:
             self._wait_for_smtp(connection)
 
+    def _pause(self, connection: pika.BlockingConnection) -> Callable[[float], bool]:
+        """A wait for inside ``handle`` (record retries while MySQL is away) that keeps
+        servicing the broker's heartbeats - once the connection is gone, a plain wait, so
+        that the record is still retried (the ack fails and the loop reconnects
+        afterwards) - and answers False once a stop is requested."""
+
+        def pause(seconds: float) -> bool:
+            try:
+                self._stop.sleep(seconds, connection)
+            except _BROKER_ERRORS:
+                self._stop.sleep(seconds)
+            return not self._stop.requested
+
+        return pause
+
     def _wait_for_database(self, connection: pika.BlockingConnection) -> None:
         delay = DB_PAUSE_FIRST
         while not self._stop.requested and not _database_answers(self._engine):
@@ -233,20 +248,6 @@ class Consumer:
                 log.info("SMTP server reachable again: consuming")
                 return
             delay = min(delay * 2, SMTP_PAUSE_MAX)
-
-
-def _heartbeat_sleep(connection: pika.BlockingConnection) -> Callable[[float], None]:
-    """A sleep for waits inside ``handle`` (record retries while MySQL is away) that keeps
-    servicing the broker's heartbeats; once the connection is gone, a plain sleep, so that
-    the record is still retried (the ack will fail and the loop reconnect afterwards)."""
-
-    def sleep(seconds: float) -> None:
-        try:
-            connection.sleep(seconds)
-        except _BROKER_ERRORS:
-            time.sleep(seconds)
-
-    return sleep
 
 
 def _delivery_count(properties: pika.BasicProperties | None) -> int:

@@ -10,7 +10,7 @@ Messages come in batches (whatever the consumer has at hand, up to its prefetch)
                                                 ─ CLAIMED ─> compose + SMTP, one by one,
                                                   each outcome recorded at once
                                                      committed ─────────> ACK
-                                                     database still down when the lease ends
+                                                     stop requested, database still down
                                                                      ───> REQUEUE
 
 The ack comes only after the outcome is committed. Between the server's 250 and that
@@ -18,8 +18,10 @@ commit is the one window where a crash duplicates a message; the recovery outbox
 written by the claim is what brings such an email back, with the same Message-ID.
 Claims are batched (one transaction for the batch), records are not: each send is
 recorded before the next one starts, so the window never holds more than one email.
-Recording is retried for as long as the lease lasts, since every retry that succeeds
-closes the window without a duplicate.
+While MySQL is unavailable the record is retried (once more just before the lease ends,
+then on until the database answers), since every retry that lands closes the window
+without a duplicate. Past the lease a record can still land: the version it is made on
+decides, and only another worker's claim of the email moves that on.
 
 An email is not attempted - it is *released*, due again shortly, without using up an
 attempt - when the SMTP server proved unreachable earlier in the batch, or when so much of
@@ -53,8 +55,14 @@ from services.worker.smtp import SmtpSender, SmtpUnavailable
 log = logging.getLogger(__name__)
 
 RELEASE_DELAY_SECONDS = 1.0  # a released email is due again after this
-_RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX while the lease lasts
+_RECORD_RETRY_FIRST = 0.1  # seconds; doubles up to _RECORD_RETRY_MAX
 _RECORD_RETRY_MAX = 2.0
+_LAST_TRY_BEFORE_LEASE_END = 0.25  # seconds: one record retry this long before the lease ends
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
 
 
 class Decision(enum.Enum):
@@ -122,16 +130,17 @@ class Worker:
         log.warning("SMTP server still unavailable: %s", problem)
         return False
 
-    def handle(self, body: bytes, *, pause: Callable[[float], None] = time.sleep) -> Decision:
+    def handle(self, body: bytes, *, pause: Callable[[float], bool] = _sleep) -> Decision:
         """One message: a batch of one."""
         return self.handle_batch([body], pause=pause)[0]
 
     def handle_batch(
-        self, bodies: Sequence[bytes], *, pause: Callable[[float], None] = time.sleep
+        self, bodies: Sequence[bytes], *, pause: Callable[[float], bool] = _sleep
     ) -> list[Decision]:
         """One decision per message, in order. ``pause`` is how to wait between retries of
-        the record while MySQL is away; the consumer passes one that keeps servicing the
-        broker connection (heartbeats), so a long retry does not cost it the connection."""
+        the record while MySQL is away, False when the process is stopping (the retries
+        end); the consumer passes one that keeps servicing the broker connection
+        (heartbeats), so a long retry does not cost it the connection."""
         decisions: dict[int, Decision] = {}
         decoded = [(index, _decode(body)) for index, body in enumerate(bodies)]
         known = self._fastpath.known_versions([m.email_id for _, m in decoded if m is not None])
@@ -151,16 +160,18 @@ class Worker:
         return [decisions[index] for index in range(len(bodies))]
 
     def _deliver_batch(
-        self, wanted: list[tuple[int, DeliveryMessage]], pause: Callable[[float], None]
+        self, wanted: list[tuple[int, DeliveryMessage]], pause: Callable[[float], bool]
     ) -> dict[int, Decision]:
         messages = [message for _, message in wanted]
+        # The lease is counted from before the claim: the database's own count starts
+        # somewhere inside the claim transaction, so this end is never later than its.
+        lease_ends = time.monotonic() + self._settings.lease_seconds
         try:
             claimed_at, claims = transaction(self._engine, lambda conn: self._claim(conn, messages))
         except SQLAlchemyError as exc:
             self._log_db_error(exc, f"claim of {len(messages)} messages failed, requeueing")
             return dict.fromkeys((index for index, _ in wanted), Decision.REQUEUE)
         clock = _Clock(claimed_at)
-        lease_ends = clock.started + self._settings.lease_seconds
         decisions: dict[int, Decision] = {}
         to_send: list[tuple[int, Row[Any]]] = []
         for (index, message), claim in zip(wanted, claims, strict=True):
@@ -218,9 +229,15 @@ class Worker:
         refused = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in result.refused.items())
         return _Attempt("sent", result.code, f"refused: {refused}" if refused else None)
 
-    def _record(self, done: _Done, lease_ends: float, pause: Callable[[float], None]) -> Decision:
-        """Commit the outcome, retrying while the lease lasts; ack only after the commit."""
+    def _record(self, done: _Done, lease_ends: float, pause: Callable[[float], bool]) -> Decision:
+        """Commit the outcome, retrying while MySQL is unavailable; ack only after the commit.
+
+        The retries go on past the lease (a stop request ends them): until another worker
+        claims the email, which needs the database too, a late record still lands. One
+        retry comes just before the lease ends, so a database back by then always gets
+        the record before the recovery path can take the email up."""
         row, attempt = done.row, done.attempt
+        retrying = False
 
         def work(conn: Connection) -> tuple[bool, Outcome]:
             # The database clock is read only when a retry must be scheduled by it.
@@ -233,25 +250,33 @@ class Worker:
                 error=attempt.error,
                 retry_at=self._retry_at(row, attempt, now),
             )
-            return delivery.record(conn, row, outcome), outcome
+            recorded = delivery.record(conn, row, outcome)
+            if not recorded and retrying and delivery.recorded_before(conn, row, outcome):
+                log.info("email %s: the record had landed; its answer was lost", row.id)
+                recorded = True
+            return recorded, outcome
 
         delay = _RECORD_RETRY_FIRST
+        last_try = lease_ends - _LAST_TRY_BEFORE_LEASE_END
         while True:
             try:
                 recorded, outcome = transaction(self._engine, work)
                 break
             except SQLAlchemyError as exc:
-                if not is_unavailable(exc) or time.monotonic() + delay >= lease_ends:
-                    self._log_db_error(
-                        exc,
-                        f"email {row.id} attempt {row.attempts}: {attempt.outcome} not recorded;"
-                        " requeueing, its recovery row brings it back when the lease ends",
-                    )
+                if not is_unavailable(exc):
+                    self._log_db_error(exc, self._not_recorded(done))
                     return Decision.REQUEUE
-                log.warning(
-                    "email %s: database unavailable, retrying the record: %s", row.id, _short(exc)
-                )
-                pause(delay)
+                retrying = True
+                if delay == _RECORD_RETRY_FIRST:
+                    log.warning(
+                        "email %s: database unavailable, retrying the record until it answers: %s",
+                        row.id,
+                        _short(exc),
+                    )
+                left = last_try - time.monotonic()
+                if not pause(min(delay, left) if left > 0 else delay):
+                    log.warning("%s (stop requested)", self._not_recorded(done))
+                    return Decision.REQUEUE
                 delay = min(delay * 2, _RECORD_RETRY_MAX)
         if not recorded:
             log.warning(
@@ -264,6 +289,13 @@ class Worker:
         self._learned[row.id] = row.version + 1 if outcome.retry_at is not None else row.version
         self._log_outcome(row, outcome)
         return Decision.ACK
+
+    @staticmethod
+    def _not_recorded(done: _Done) -> str:
+        return (
+            f"email {done.row.id} attempt {done.row.attempts}: {done.attempt.outcome} not"
+            " recorded; requeueing, its recovery row brings it back when the lease ends"
+        )
 
     def _retry_at(self, row: Row[Any], attempt: _Attempt, now: datetime) -> datetime | None:
         """When to try again after a transient error; None when attempts are spent."""

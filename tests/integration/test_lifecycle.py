@@ -13,7 +13,14 @@ from sqlalchemy.exc import OperationalError
 
 from services.core import emails, outbox
 from services.core.db import db_now, transaction, unit_of_work
-from services.core.delivery import Claim, ClaimStatus, Outcome, claim_batch, record
+from services.core.delivery import (
+    Claim,
+    ClaimStatus,
+    Outcome,
+    claim_batch,
+    record,
+    recorded_before,
+)
 from services.core.emails import NewEmail
 from services.core.messages import DeliveryMessage
 from services.core.schema import attempts
@@ -314,6 +321,41 @@ def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: 
             sa.select(attempts.c.number, attempts.c.outcome).order_by(attempts.c.number)
         ).all()
     assert [tuple(h) for h in history] == [(1, "transient_error"), (2, "sent")]
+
+
+def test_a_retried_record_knows_its_first_commit_landed(db: Engine) -> None:
+    """The connection can drop after the commit and before its answer: the worker retries,
+    finds the row no longer at the claimed version, and must tell "my record landed" from
+    "the recovery path took the email over"."""
+    sent_id, released_id, lost_id = create(db, 3)
+    now = datetime.now(UTC)
+    rows = {}
+    for email_id in (sent_id, released_id, lost_id):
+        with unit_of_work(db) as conn:
+            claimed = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
+        assert claimed.row is not None
+        rows[email_id] = claimed.row
+    finished = now + timedelta(milliseconds=150)
+    sent = Outcome("sent", now, finished, smtp_code=250)
+    released = Outcome("released", now, finished, error="smtp down", retry_at=finished)
+    with unit_of_work(db) as conn:
+        for email_id, outcome in ((sent_id, sent), (released_id, released)):
+            assert not recorded_before(conn, rows[email_id], outcome)
+            assert record(conn, rows[email_id], outcome)  # ... and the answer is lost
+    with unit_of_work(db) as conn:  # the retry
+        for email_id, outcome in ((sent_id, sent), (released_id, released)):
+            assert not record(conn, rows[email_id], outcome)
+            assert recorded_before(conn, rows[email_id], outcome)
+        other = Outcome("sent", now, finished + timedelta(microseconds=1), smtp_code=250)
+        assert not recorded_before(conn, rows[sent_id], other)  # not this attempt's record
+    later = now + LEASE + timedelta(seconds=1)
+    with unit_of_work(db) as conn:  # this one's lease ended and the recovery path took it
+        taken = claim(conn, lost_id, 2, now=later, lease=LEASE, max_attempts=5)
+    assert taken.status is ClaimStatus.CLAIMED
+    lost = Outcome("sent", now, finished, smtp_code=250)
+    with unit_of_work(db) as conn:
+        assert not record(conn, rows[lost_id], lost)
+        assert not recorded_before(conn, rows[lost_id], lost)  # "outcome unknown" is not it
 
 
 def test_a_worker_that_keeps_dying_ends_failed(db: Engine) -> None:

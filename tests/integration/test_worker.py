@@ -20,7 +20,7 @@ import pika
 import pytest
 import redis
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from services.core import emails, outbox
 from services.core.broker import (
@@ -38,6 +38,7 @@ from services.core.schema import outbox as outbox_table
 from services.core.settings import Settings
 from services.worker.smtp import SmtpSender
 from services.worker.worker import Decision, Worker
+from tests.support.proxy import FaultProxy
 from tests.support.smtp_sink import SmtpSink, free_port
 
 # tests/support/smtp_sink.py passes aiosmtpd's deprecated ``server_kwargs``
@@ -346,6 +347,119 @@ def test_database_unavailable_at_claim_requeues(
     finally:
         nowhere.dispose()
     assert smtp_sink.handler.transactions == 0
+
+
+@pytest.fixture
+def db_proxy(database_url: str) -> Iterator[tuple[FaultProxy, Engine]]:
+    """A proxy the test can cut between a worker and MySQL, and an engine through it."""
+    url = make_url(database_url)
+    with FaultProxy(target_port=url.port or 3306) as proxy:
+        engine = create_db_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
+        try:
+            yield proxy, engine
+        finally:
+            engine.dispose()
+
+
+class Outage:
+    """Cuts MySQL off once the SMTP server has the message (the worker is past its claim
+    and will record next), restores it ``restore_after`` seconds later; ``pause`` is the
+    wait the worker gets between record retries, noting when each one ended."""
+
+    def __init__(self, proxy: FaultProxy, sink: SmtpSink, restore_after: float) -> None:
+        self.proxy, self.sink, self.restore_after = proxy, sink, restore_after
+        self.pauses_ended: list[float] = []
+        self.data_seen = 0.0
+
+    def run(self, handle: Callable[[], Decision]) -> Decision:
+        decisions: list[Decision] = []
+        thread = threading.Thread(target=lambda: decisions.append(handle()))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while self.sink.handler.transactions == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.data_seen = time.monotonic()
+            self.proxy.cut()
+            time.sleep(self.restore_after)
+        finally:
+            self.proxy.restore()
+            thread.join(30)
+        [decision] = decisions
+        return decision
+
+    def pause(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        self.pauses_ended.append(time.monotonic())
+        return True
+
+
+def test_a_record_is_retried_past_the_lease_until_the_database_answers(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory, db_proxy: tuple[FaultProxy, Engine]
+) -> None:
+    """No other worker can take the email up while the database is away, so a record that
+    lands after the lease still closes the window without a duplicate."""
+    proxy, proxied = db_proxy
+    email_id = create_email(db, to=["slow@example.com"])
+    smtp_sink.script("slow@example.com", "slow:0.3 250 2.0.0 OK")
+    worker = make_worker(use_redis=False, engine=proxied, lease_seconds=1.0)
+    outage = Outage(proxy, smtp_sink, restore_after=2.5)  # well past the 1 s lease
+    message = relay(db, email_id).encode()
+    assert outage.run(lambda: worker.handle(message, pause=outage.pause)) is Decision.ACK
+    assert outage.pauses_ended[-2] > outage.data_seen + 1.0  # it did retry past the lease
+    row = email_row(db, email_id)
+    assert (row.status, row.attempts) == ("sent", 1)
+    assert [a.outcome for a in attempt_rows(db, email_id)] == ["sent"]
+    assert pending_outbox(db, email_id) == []  # the recovery row went with the record
+    assert smtp_sink.handler.transactions == 1
+
+
+def test_a_database_back_before_the_lease_ends_gets_the_record_in_time(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory, db_proxy: tuple[FaultProxy, Engine]
+) -> None:
+    """Retries double (0.1 s ... 2 s) but one comes just before the lease ends, so the
+    recovery path, free to take the email once it has, never races a record that could
+    have landed in time. Here the retries after the send fails at ~0.5 s fall at ~0.6,
+    0.8, 1.2 and 2.0 s; the next doubling would be 3.6 s, past the 3 s lease."""
+    proxy, proxied = db_proxy
+    email_id = create_email(db, to=["slow@example.com"])
+    smtp_sink.script("slow@example.com", "slow:0.5 250 2.0.0 OK")
+    worker = make_worker(use_redis=False, engine=proxied, lease_seconds=3.0)
+    outage = Outage(proxy, smtp_sink, restore_after=2.35)
+    message = relay(db, email_id).encode()
+    assert outage.run(lambda: worker.handle(message, pause=outage.pause)) is Decision.ACK
+    # the worker's lease began before its claim, so before the SMTP server saw DATA
+    assert outage.pauses_ended[-1] < outage.data_seen + 3.0
+    assert (email_row(db, email_id).status, smtp_sink.handler.transactions) == ("sent", 1)
+
+
+def test_a_stop_ends_the_record_retries(
+    db: Engine,
+    smtp_sink: SmtpSink,
+    make_worker: WorkerFactory,
+    db_proxy: tuple[FaultProxy, Engine],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop request (the pause answers False) gives the message back at once: the email
+    stays ``sending``, and its recovery row takes it up when the lease ends."""
+    proxy, proxied = db_proxy
+    email_id = create_email(db, to=["slow@example.com"])
+    smtp_sink.script("slow@example.com", "slow:0.3 250 2.0.0 OK")
+    worker = make_worker(use_redis=False, engine=proxied, lease_seconds=30.0)
+    message = relay(db, email_id).encode()
+    stops: list[float] = []
+
+    def stop_at_once(seconds: float) -> bool:
+        stops.append(seconds)
+        return False
+
+    with caplog.at_level("WARNING"):
+        outage = Outage(proxy, smtp_sink, restore_after=0.5)
+        assert outage.run(lambda: worker.handle(message, pause=stop_at_once)) is Decision.REQUEUE
+    assert len(stops) == 1
+    assert f"email {email_id} attempt 1: sent not recorded; requeueing" in caplog.text
+    assert email_row(db, email_id).status == "sending"
+    assert [r.version for r in pending_outbox(db, email_id)] == [2]  # the recovery row
 
 
 def test_lone_dot_lines_arrive_intact_as_one_message(
