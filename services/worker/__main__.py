@@ -289,6 +289,7 @@ def main() -> int:
     try:
         Consumer(settings, worker, engine, stop).run()
     finally:
+        worker.close()
         sender.close()
         fastpath.close()
         engine.dispose()

@@ -7,6 +7,13 @@ session in doubt, and probes with NOOP when it sat idle (servers drop idle clien
 silently). ``settings.smtp_timeout`` is the socket timeout, so it bounds the connect,
 the greeting, every command and the final reply after DATA.
 
+A transaction can also be split where the server has not yet accepted anything:
+``begin`` sends the envelope and the whole message but the final ``.``, ``finish`` sends
+the dot and reads the verdict, ``abort`` closes the connection, which makes the server
+throw the unfinished message away. The worker records the previous send while the next
+one is begun, and finishes it only after that record is committed. The socket has
+``TCP_NODELAY``: the lone dot must not wait for the ACK of the body before it.
+
 TLS always goes through ``ssl.create_default_context``: smtplib's own default for
 ``starttls()`` and ``SMTP_SSL`` verifies nothing. AUTH is only ever sent inside TLS;
 credentials configured on a cleartext connection are a configuration error, reported
@@ -21,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import smtplib
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from services.core.errors import PermanentDelivery, TransientDelivery
@@ -34,6 +43,7 @@ from services.core.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_PROBE_SECONDS = 10.0
+_LINE_START_DOT = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2), as smtplib does
 
 
 class SmtpUnavailable(TransientDelivery):
@@ -50,7 +60,8 @@ class SendResult:
 
 
 class SmtpSender:
-    """Sends messages over one kept-open connection. Thread-safe (one send at a time)."""
+    """Sends messages over one kept-open connection. Thread-safe (one call at a time);
+    ``begin`` .. ``finish`` / ``abort`` belong to one caller."""
 
     def __init__(self, settings: Settings, *, idle_probe_seconds: float = IDLE_PROBE_SECONDS):
         self._settings = settings
@@ -58,6 +69,12 @@ class SmtpSender:
         self._conn: smtplib.SMTP | None = None
         self._last_used = 0.0
         self._lock = threading.Lock()
+        self._refused: dict[str, str] | None = None  # set between begin and finish
+
+    @property
+    def begun(self) -> bool:
+        """A transaction is begun and neither finished nor aborted."""
+        return self._refused is not None
 
     def send(
         self,
@@ -68,10 +85,25 @@ class SmtpSender:
         smtputf8: bool = False,
     ) -> SendResult:
         """One SMTP transaction for a composed message (``services.worker.compose``)."""
+        self.begin(data, envelope_from, recipients, smtputf8=smtputf8)
+        return self.finish()
+
+    def begin(
+        self,
+        data: bytes,
+        envelope_from: str,
+        recipients: Sequence[str],
+        *,
+        smtputf8: bool = False,
+    ) -> None:
+        """MAIL, RCPT, DATA and the message, all but the final ``.``: nothing is accepted
+        yet. Raises as ``send`` does when the server refuses before that."""
         with self._lock:
+            if self._refused is not None:
+                raise RuntimeError("an SMTP transaction is already begun")
             conn = self._open()
             self._last_used = time.monotonic()
-            try:
+            with self._delivery_errors():
                 options: list[str] = []
                 if smtputf8:
                     if not conn.has_extn("smtputf8"):
@@ -79,22 +111,58 @@ class SmtpSender:
                             "an address needs SMTPUTF8, which the server does not offer"
                         )
                     options = ["SMTPUTF8", "BODY=8BITMIME"]
-                refused = conn.sendmail(envelope_from, list(recipients), data, options)
-            except smtplib.SMTPRecipientsRefused as exc:
-                self._drop_if_closed()
-                raise _recipients_error(exc.recipients) from exc
-            except smtplib.SMTPResponseException as exc:  # sender refused, DATA refused
-                if exc.smtp_code == 421:
-                    self._drop()
-                else:
-                    self._drop_if_closed()
-                raise _reply_error(exc.smtp_code, exc.smtp_error) from exc
-            except smtplib.SMTPNotSupportedError as exc:  # an SMTPUTF8 address, no support
-                raise PermanentDelivery(f"server cannot take this message: {exc}") from exc
-            except (smtplib.SMTPException, OSError) as exc:  # disconnects, timeouts
+                refused = _envelope(conn, envelope_from, recipients, len(data), options)
+                code, reply = conn.docmd("data")
+                if code != 354:
+                    _end_refused(conn, code)
+                    raise smtplib.SMTPDataError(code, reply)
+                body = _LINE_START_DOT.sub(b"..", data)
+                conn.send(body if body.endswith(b"\r\n") else body + b"\r\n")
+                self._refused = {rcpt: _text(reply) for rcpt, reply in refused.items()}
+
+    def finish(self) -> SendResult:
+        """The final ``.`` of the begun message, and the server's verdict."""
+        with self._lock:
+            refused, self._refused = self._refused, None
+            if refused is None or self._conn is None:
+                raise RuntimeError("no SMTP transaction begun")
+            conn = self._conn
+            with self._delivery_errors():
+                conn.send(b".\r\n")
+                code, reply = conn.getreply()
+                if code != 250:
+                    _end_refused(conn, code)
+                    raise smtplib.SMTPDataError(code, reply)
+            self._last_used = time.monotonic()
+            return SendResult(code, refused)
+
+    def abort(self) -> None:
+        """Give up the begun message: the connection is closed before its final ``.``,
+        so the server discards it (RFC 5321 4.1.1.4); the next send reconnects."""
+        with self._lock:
+            self._refused = None
+            self._drop()
+
+    @contextlib.contextmanager
+    def _delivery_errors(self) -> Iterator[None]:
+        """smtplib's exceptions as ``TransientDelivery`` / ``PermanentDelivery``; the
+        connection is dropped whenever its state is in doubt."""
+        try:
+            yield
+        except smtplib.SMTPRecipientsRefused as exc:
+            self._drop_if_closed()
+            raise _recipients_error(exc.recipients) from exc
+        except smtplib.SMTPResponseException as exc:  # sender refused, DATA refused
+            if exc.smtp_code == 421:
                 self._drop()
-                raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
-            return SendResult(250, {rcpt: _text(reply) for rcpt, reply in refused.items()})
+            else:
+                self._drop_if_closed()
+            raise _reply_error(exc.smtp_code, exc.smtp_error) from exc
+        except smtplib.SMTPNotSupportedError as exc:  # an SMTPUTF8 address, no support
+            raise PermanentDelivery(f"server cannot take this message: {exc}") from exc
+        except (smtplib.SMTPException, OSError) as exc:  # disconnects, timeouts
+            self._drop()
+            raise TransientDelivery(f"SMTP connection failed: {_describe(exc)}") from exc
 
     def probe(self) -> str | None:
         """Open a session if none is open: None when there is one, else why not."""
@@ -159,6 +227,8 @@ class SmtpSender:
             else smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
         )
         try:
+            if conn.sock is not None:  # connected by the constructor
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.ehlo()
             if s.smtp_security == "starttls":
                 conn.starttls(context=context)
@@ -198,9 +268,48 @@ class SmtpSender:
             self._drop()
 
     def _drop(self) -> None:
+        self._refused = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _envelope(
+    conn: smtplib.SMTP,
+    envelope_from: str,
+    recipients: Sequence[str],
+    size: int,
+    options: list[str],
+) -> dict[str, tuple[int, bytes]]:
+    """MAIL and RCPT as ``smtplib.SMTP.sendmail`` sends them; the refused recipients."""
+    if conn.does_esmtp and conn.has_extn("size"):
+        options = [f"size={size}", *options]
+    code, reply = conn.mail(envelope_from, options)
+    if code != 250:
+        _end_refused(conn, code)
+        raise smtplib.SMTPSenderRefused(code, reply, envelope_from)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for rcpt in recipients:
+        code, reply = conn.rcpt(rcpt)
+        if code not in (250, 251):
+            refused[rcpt] = (code, reply)
+        if code == 421:
+            conn.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(recipients):
+        _end_refused(conn, 0)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    return refused
+
+
+def _end_refused(conn: smtplib.SMTP, code: int) -> None:
+    """After a refusal, as smtplib does: a 421 ends the session, anything else the
+    transaction (RSET)."""
+    if code == 421:
+        conn.close()
+    else:
+        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+            conn.rset()
 
 
 def _text(reply: bytes | str | tuple[int, bytes]) -> str:

@@ -8,7 +8,8 @@ Messages come in batches (whatever the consumer has at hand, up to its prefetch)
                                                 ─ STALE / EARLY ────────> ACK
                                                 ─ database unavailable ─> REQUEUE
                                                 ─ CLAIMED ─> compose + SMTP, one by one,
-                                                  each outcome recorded at once
+                                                  each outcome recorded before the
+                                                  next email's final "."
                                                      committed ─────────> ACK
                                                      stop requested, database still down
                                                                      ───> REQUEUE
@@ -17,7 +18,12 @@ The ack comes only after the outcome is committed. Between the server's 250 and 
 commit is the one window where a crash duplicates a message; the recovery outbox row
 written by the claim is what brings such an email back, with the same Message-ID.
 Claims are batched (one transaction for the batch), records are not: each send is
-recorded before the next one starts, so the window never holds more than one email.
+recorded before the next one is finished, so the window never holds more than one
+email. The two overlap where that is safe: while one record commits (on the recorder
+thread), the next email's SMTP transaction is begun - envelope and body, all but the
+final "." - and the dot goes out only after the commit. A crash in between leaves the
+next message unfinished, which the server discards; a record that fails makes the
+worker abort it (close the connection) and send it again once the record is settled.
 While MySQL is unavailable the record is retried (once more just before the lease ends,
 then on until the database answers), since every retry that lands closes the window
 without a duplicate. Past the lease a record can still land: the version it is made on
@@ -34,6 +40,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -88,6 +95,15 @@ class _Done:
     attempt: _Attempt
 
 
+@dataclass(frozen=True, slots=True)
+class _Recording:
+    """A ``_Done`` whose first record try runs on the recorder thread."""
+
+    index: int
+    done: _Done
+    future: Future[tuple[bool, Outcome]]
+
+
 class _Clock:
     """The database clock, carried forward by the monotonic clock from one reading."""
 
@@ -114,6 +130,11 @@ class Worker:
         self._send_margin = min(settings.lease_seconds / 2, 2 * settings.smtp_timeout)
         self._smtp_down = False
         self._learned: dict[str, int] = {}  # versions recorded in this batch, for Redis
+        # Commits each send's record while the next email's transaction is begun.
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
+
+    def close(self) -> None:
+        self._recorder.shutdown()
 
     @property
     def smtp_down(self) -> bool:
@@ -188,16 +209,50 @@ class Worker:
                 decisions[index] = Decision.ACK
             else:
                 to_send.append((index, claim.row))
-        for index, row in to_send:
-            started_at = clock.now()
-            if self._smtp_down:
-                attempt = _Attempt("released", None, "not attempted: SMTP server unavailable")
-            elif time.monotonic() > lease_ends - self._send_margin:
-                attempt = _Attempt("released", None, "not attempted: lease running short")
-            else:
-                attempt = self._deliver(row, started_at)
-            done = _Done(row, started_at, clock.now(), attempt)
-            decisions[index] = self._record(done, lease_ends, pause)
+        decisions.update(self._send(to_send, clock, lease_ends, pause))
+        return decisions
+
+    def _send(
+        self,
+        to_send: list[tuple[int, Row[Any]]],
+        clock: _Clock,
+        lease_ends: float,
+        pause: Callable[[float], bool],
+    ) -> dict[int, Decision]:
+        """Send the claimed emails one by one, each recorded before the next is finished."""
+        decisions: dict[int, Decision] = {}
+        previous: _Recording | None = None
+        try:
+            for index, row in to_send:
+                started_at = clock.now()
+                attempt = self._begin(row, started_at, lease_ends)
+                if previous is not None:
+                    # The previous send is recorded before this one's final "." goes out:
+                    # a crash in between leaves this message unfinished, so discarded.
+                    failed = previous.future.exception() is not None
+                    if failed and attempt is None:  # retries may take long: give it up
+                        self._sender.abort()
+                    decisions[previous.index] = self._record(
+                        previous.done, lease_ends, pause, first_try=previous.future.result
+                    )
+                    previous = None
+                    if failed and attempt is None:  # never sent: start it again
+                        started_at = clock.now()
+                        attempt = self._begin(row, started_at, lease_ends)
+                if attempt is None:
+                    attempt = self._finish()
+                done = _Done(row, started_at, clock.now(), attempt)
+                previous = _Recording(index, done, self._recorder.submit(self._try_record, done))
+            if previous is not None:
+                decisions[previous.index] = self._record(
+                    previous.done, lease_ends, pause, first_try=previous.future.result
+                )
+                previous = None
+        finally:  # after a bug: no record left running, nothing half-sent left open
+            if previous is not None:
+                previous.future.exception()
+            if self._sender.begun:
+                self._sender.abort()
         return decisions
 
     def _claim(
@@ -213,31 +268,43 @@ class Worker:
         )
         return now, claims
 
-    def _deliver(self, row: Row[Any], now: datetime) -> _Attempt:
+    def _begin(self, row: Row[Any], now: datetime, lease_ends: float) -> _Attempt | None:
+        """Start the email's SMTP transaction, all but its final "."; None when it is
+        begun, else what came of it without a send (released, refused, unreachable)."""
+        if self._smtp_down:
+            return _Attempt("released", None, "not attempted: SMTP server unavailable")
+        if time.monotonic() > lease_ends - self._send_margin:
+            return _Attempt("released", None, "not attempted: lease running short")
         try:
             composed = build_message(row, self._settings, now=now)
-            result = self._sender.send(
+            self._sender.begin(
                 composed.data,
                 composed.envelope_from,
                 composed.recipients,
                 smtputf8=composed.smtputf8,
             )
         except DeliveryError as exc:
-            self._smtp_down = isinstance(exc, SmtpUnavailable)
-            kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"
-            return _Attempt(kind, exc.smtp_code, str(exc))
+            return self._failed(exc)
+        return None
+
+    def _finish(self) -> _Attempt:
+        """The final "." of the begun transaction, and what the server made of it."""
+        try:
+            result = self._sender.finish()
+        except DeliveryError as exc:
+            return self._failed(exc)
         refused = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in result.refused.items())
         return _Attempt("sent", result.code, f"refused: {refused}" if refused else None)
 
-    def _record(self, done: _Done, lease_ends: float, pause: Callable[[float], bool]) -> Decision:
-        """Commit the outcome, retrying while MySQL is unavailable; ack only after the commit.
+    def _failed(self, exc: DeliveryError) -> _Attempt:
+        self._smtp_down = isinstance(exc, SmtpUnavailable)
+        kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"
+        return _Attempt(kind, exc.smtp_code, str(exc))
 
-        The retries go on past the lease (a stop request ends them): until another worker
-        claims the email, which needs the database too, a late record still lands. One
-        retry comes just before the lease ends, so a database back by then always gets
-        the record before the recovery path can take the email up."""
+    def _try_record(self, done: _Done, *, retrying: bool = False) -> tuple[bool, Outcome]:
+        """One transaction committing the outcome (the first runs on the recorder thread):
+        whether this worker still owned the email, and the outcome as written."""
         row, attempt = done.row, done.attempt
-        retrying = False
 
         def work(conn: Connection) -> tuple[bool, Outcome]:
             # The database clock is read only when a retry must be scheduled by it.
@@ -256,11 +323,33 @@ class Worker:
                 recorded = True
             return recorded, outcome
 
+        return transaction(self._engine, work)
+
+    def _record(
+        self,
+        done: _Done,
+        lease_ends: float,
+        pause: Callable[[float], bool],
+        *,
+        first_try: Callable[[], tuple[bool, Outcome]] | None = None,
+    ) -> Decision:
+        """Commit the outcome, retrying while MySQL is unavailable; ack only after the commit.
+
+        ``first_try`` is the result of a try made already (on the recorder thread).
+        The retries go on past the lease (a stop request ends them): until another worker
+        claims the email, which needs the database too, a late record still lands. One
+        retry comes just before the lease ends, so a database back by then always gets
+        the record before the recovery path can take the email up."""
+        row, attempt = done.row, done.attempt
+        retrying = False
         delay = _RECORD_RETRY_FIRST
         last_try = lease_ends - _LAST_TRY_BEFORE_LEASE_END
         while True:
             try:
-                recorded, outcome = transaction(self._engine, work)
+                if first_try is not None and not retrying:
+                    recorded, outcome = first_try()
+                else:
+                    recorded, outcome = self._try_record(done, retrying=retrying)
                 break
             except SQLAlchemyError as exc:
                 if not is_unavailable(exc):

@@ -126,6 +126,37 @@ def test_reuses_one_connection(smtp_sink: SmtpSink) -> None:
     assert len(smtp_sink.received) == 2
 
 
+def test_a_begun_message_is_accepted_only_at_its_final_dot(smtp_sink: SmtpSink) -> None:
+    """``begin`` sends everything but the final ".": the server has the body and has
+    accepted nothing; ``abort`` drops the connection, which discards it; ``finish`` gets
+    it accepted, dot-stuffed lines intact."""
+    sender = SmtpSender(sender_settings(smtp_sink.port))
+    try:
+        sender.begin(message(body="thrown away\n"), "sender@example.com", ["ann@example.com"])
+        assert sender.begun
+        with pytest.raises(RuntimeError, match="already begun"):
+            sender.begin(message(), "sender@example.com", ["ann@example.com"])
+        time.sleep(0.2)  # the server has read the body by now
+        assert smtp_sink.handler.transactions == 0
+        sender.abort()
+        assert not sender.begun
+        with pytest.raises(RuntimeError, match="no SMTP transaction"):
+            sender.finish()
+
+        dots = message(body=".\n..two\n.\n").replace(b"\n", b"\r\n")  # on the wire: CRLF
+        sender.begin(dots, "sender@example.com", ["ann@example.com"])
+        assert sender._conn is not None
+        assert sender._conn.sock is not None
+        assert sender._conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sender.finish().code == 250
+    finally:
+        sender.close()
+    time.sleep(0.2)
+    [received] = smtp_sink.received
+    assert received.message.get_payload() == ".\r\n..two\r\n.\r\n"
+    assert smtp_sink.handler.transactions == 1
+
+
 def test_permanent_reply_keeps_code_and_text(smtp_sink: SmtpSink) -> None:
     smtp_sink.script("ann@example.com", "550 5.1.1 no such user")
     sender = SmtpSender(sender_settings(smtp_sink.port))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import pytest
@@ -44,6 +44,7 @@ from tests.support.smtp_sink import SmtpSink, free_port
 # tests/support/smtp_sink.py passes aiosmtpd's deprecated ``server_kwargs``
 
 OWNER = "o" * 32
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -113,6 +114,7 @@ def make_worker(
     """Workers with their own SMTP connection; ``use_redis=False`` runs without the fast path."""
     senders: list[SmtpSender] = []
     fastpaths: list[FastPath] = []
+    workers: list[Worker] = []
 
     def make(use_redis: bool = True, engine: Engine = db, **changes: Any) -> Worker:
         worker_settings = settings.model_copy(update=changes)
@@ -121,9 +123,12 @@ def make_worker(
         fastpath = FastPath(redis_url, namespace=settings.email_queue)
         senders.append(sender)
         fastpaths.append(fastpath)
-        return Worker(worker_settings, engine, sender, fastpath)
+        workers.append(Worker(worker_settings, engine, sender, fastpath))
+        return workers[-1]
 
     yield make
+    for worker in workers:
+        worker.close()
     for sender in senders:
         sender.close()
     for fastpath in fastpaths:
@@ -370,9 +375,10 @@ class Outage:
         self.proxy, self.sink, self.restore_after = proxy, sink, restore_after
         self.pauses_ended: list[float] = []
         self.data_seen = 0.0
+        self.received_during = 0  # messages the SMTP server had accepted by the restore
 
-    def run(self, handle: Callable[[], Decision]) -> Decision:
-        decisions: list[Decision] = []
+    def run(self, handle: Callable[[], T]) -> T:
+        decisions: list[T] = []
         thread = threading.Thread(target=lambda: decisions.append(handle()))
         thread.start()
         try:
@@ -382,6 +388,7 @@ class Outage:
             self.data_seen = time.monotonic()
             self.proxy.cut()
             time.sleep(self.restore_after)
+            self.received_during = len(self.sink.received)
         finally:
             self.proxy.restore()
             thread.join(30)
@@ -431,6 +438,28 @@ def test_a_database_back_before_the_lease_ends_gets_the_record_in_time(
     # the worker's lease began before its claim, so before the SMTP server saw DATA
     assert outage.pauses_ended[-1] < outage.data_seen + 3.0
     assert (email_row(db, email_id).status, smtp_sink.handler.transactions) == ("sent", 1)
+
+
+def test_no_send_is_finished_before_the_previous_one_is_recorded(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory, db_proxy: tuple[FaultProxy, Engine]
+) -> None:
+    """The next email's transaction is begun while the previous send's record commits,
+    and its final "." waits for that commit: with MySQL gone after the first send, the
+    second is thrown away unfinished (the server accepts nothing more while the first is
+    unrecorded) and sent again once the first is recorded. Each arrives once, in order."""
+    proxy, proxied = db_proxy
+    ids = [create_email(db, to=[f"n{i}@example.com"]) for i in range(3)]
+    smtp_sink.script("n0@example.com", "slow:0.3 250 2.0.0 OK")
+    worker = make_worker(use_redis=False, engine=proxied)
+    outage = Outage(proxy, smtp_sink, restore_after=1.0)
+    batch = [relay(db, email_id).encode() for email_id in ids]
+    decisions = outage.run(lambda: worker.handle_batch(batch, pause=outage.pause))
+    assert decisions == [Decision.ACK] * 3
+    assert outage.received_during == 1  # only the first, while it could not be recorded
+    assert [r.email_id for r in smtp_sink.received] == ids
+    assert smtp_sink.handler.transactions == 3  # the aborted one never reached its end
+    for email_id in ids:
+        assert (email_row(db, email_id).status, email_row(db, email_id).attempts) == ("sent", 1)
 
 
 def test_a_stop_ends_the_record_retries(
