@@ -28,6 +28,7 @@ from services.core.emails import NewEmail
 from services.core.migrate import migrate
 from services.core.schema import metadata
 from services.core.settings import Settings
+from services.worker.compose import ADDRESS_CACHE_SIZE
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stack import Process, Stack
 
@@ -194,9 +195,14 @@ def queue_depth(channel: Any, name: str) -> int:
 # --- emails ------------------------------------------------------------------------------
 
 
+# More recipients than a worker keeps parsed addresses, so every recipient costs a worker
+# what a new one would (the sender's From repeats, as it does in real traffic).
+RECIPIENTS = 2 * ADDRESS_CACHE_SIZE
+
+
 def new_email(send_at: datetime | None, index: int = 0) -> NewEmail:
     return NewEmail(
-        to=[f"rcpt{index % 1000}@example.com"],
+        to=[f"rcpt{index % RECIPIENTS}@example.com"],
         from_addr=MAIL_FROM,
         subject="Benchmark notice",
         send_at=send_at,
@@ -214,13 +220,15 @@ def insert_emails(
     """Schedule emails straight into MySQL with ``emails.create`` in big transactions."""
     chunks = [send_ats[i : i + per_tx] for i in range(0, len(send_ats), per_tx)]
 
-    def work(chunk: Sequence[datetime]) -> list[str]:
+    def work(start: int, chunk: Sequence[datetime]) -> list[str]:
         now = datetime.now(UTC)
+        rows = [new_email(s, start + i) for i, s in enumerate(chunk)]
         with engine.begin() as conn:
-            return emails.create(conn, OWNER, [new_email(s, i) for i, s in enumerate(chunk)], now)
+            return emails.create(conn, OWNER, rows, now)
 
     with ThreadPoolExecutor(threads) as pool:
-        return [email_id for ids in pool.map(work, chunks) for email_id in ids]
+        starts = range(0, len(send_ats), per_tx)
+        return [email_id for ids in pool.map(work, starts, chunks) for email_id in ids]
 
 
 def bulk_future_rows(engine: Engine, count: int, start: datetime, spread: timedelta) -> None:
