@@ -59,7 +59,7 @@ faults: install ## the fault-injection suite at larger sizes, printing the deliv
 # override them); its own database and queues, removed afterwards. BENCH_ARGS=--quick
 # for a short smoke run. Table on stdout, figures in bench/results/<UTC time>.json.
 BENCH_ARGS ?=
-bench: install ## measure the pipeline against this machine's limits and Celery (~16 min)
+bench: install ## measure the pipeline against this machine's limits and Celery (12-17 min)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
