@@ -202,14 +202,18 @@ class Consumer:
                     channel.basic_nack(delivery.tag, requeue=True)
             return
         requeued = False
-        for delivery, decision in zip(batch, decisions, strict=True):
-            if decision is Decision.ACK:
-                channel.basic_ack(delivery.tag)
-            elif decision is Decision.REJECT:
-                channel.basic_reject(delivery.tag, requeue=False)
-            else:
-                channel.basic_nack(delivery.tag, requeue=True)
-                requeued = True
+        if all(decision is Decision.ACK for decision in decisions):
+            # Every delivery before this batch is settled already: one frame acks it all.
+            channel.basic_ack(batch[-1].tag, multiple=True)
+        else:
+            for delivery, decision in zip(batch, decisions, strict=True):
+                if decision is Decision.ACK:
+                    channel.basic_ack(delivery.tag)
+                elif decision is Decision.REJECT:
+                    channel.basic_reject(delivery.tag, requeue=False)
+                else:
+                    channel.basic_nack(delivery.tag, requeue=True)
+                    requeued = True
         if requeued:
             self._wait_for_database(connection)
         if self._worker.smtp_down:
