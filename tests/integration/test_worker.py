@@ -515,9 +515,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
-    db: Engine, smtp_sink: SmtpSink, settings: Settings, tmp_path: Path
-) -> None:
+def worker_env(settings: Settings, smtp_sink: SmtpSink, **changes: str) -> dict[str, str]:
+    """The environment of a ``python -m services.worker`` for this test's services."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SMTP_")}
     env.update(
         DATABASE_URL=settings.database_url.get_secret_value(),
@@ -530,6 +529,14 @@ def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
         LEASE_SECONDS="30",
         WORKER_PREFETCH="10",
     )
+    env.update(changes)
+    return env
+
+
+def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
+    db: Engine, smtp_sink: SmtpSink, settings: Settings, tmp_path: Path
+) -> None:
+    env = worker_env(settings, smtp_sink)
     connection = pika.BlockingConnection(
         connection_parameters(settings.rabbitmq_url.get_secret_value())
     )
@@ -571,3 +578,55 @@ def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
     log_text = log_file.read_text()
     assert "worker stopped" in log_text
     assert "guest:guest" not in log_text
+
+
+def test_sigterm_ends_a_record_waiting_for_the_database(
+    *,
+    db: Engine,
+    smtp_sink: SmtpSink,
+    settings: Settings,
+    tmp_path: Path,
+    database_url: str,
+    db_proxy: tuple[FaultProxy, Engine],
+) -> None:
+    """A worker retries a pending record until MySQL answers, but not past a SIGTERM: it
+    gives the message back (the email's recovery row brings it back) and exits 0."""
+    proxy, _ = db_proxy
+    proxied_url = make_url(database_url).set(port=proxy.port)
+    env = worker_env(
+        settings, smtp_sink, DATABASE_URL=proxied_url.render_as_string(hide_password=False)
+    )
+    email_id = create_email(db, to=["slow@example.com"])
+    smtp_sink.script("slow@example.com", "slow:0.3 250 2.0.0 OK")
+    connection = pika.BlockingConnection(
+        connection_parameters(settings.rabbitmq_url.get_secret_value())
+    )
+    channel = connection.channel()
+    declare_topology(channel, settings.email_queue)
+    log_file = tmp_path / "worker.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.worker"], cwd=ROOT, env=env, stderr=log
+        )
+    try:
+        body = relay(db, email_id).encode()
+        channel.basic_publish("", settings.email_queue, body, message_properties("test"))
+        wait_for(lambda: smtp_sink.handler.transactions == 1, 20, "the send")
+        proxy.cut()
+        wait_for(
+            lambda: "retrying the record until it answers" in log_file.read_text(),
+            10,
+            "the record retries",
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        proxy.restore()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        connection.close()
+    log_text = log_file.read_text()
+    assert f"email {email_id} attempt 1: sent not recorded; requeueing" in log_text
+    assert "(stop requested)" in log_text
+    assert email_row(db, email_id).status == "sending"  # the recovery path owns it now
