@@ -232,9 +232,7 @@ class Worker:
                     failed = previous.future.exception() is not None
                     if failed and attempt is None:  # retries may take long: give it up
                         self._sender.abort()
-                    decisions[previous.index] = self._record(
-                        previous.done, lease_ends, pause, first_try=previous.future.result
-                    )
+                    decisions[previous.index] = self._settle(previous, lease_ends, pause)
                     previous = None
                     if failed and attempt is None:  # never sent: start it again
                         started_at = clock.now()
@@ -244,9 +242,7 @@ class Worker:
                 done = _Done(row, started_at, clock.now(), attempt)
                 previous = _Recording(index, done, self._recorder.submit(self._try_record, done))
             if previous is not None:
-                decisions[previous.index] = self._record(
-                    previous.done, lease_ends, pause, first_try=previous.future.result
-                )
+                decisions[previous.index] = self._settle(previous, lease_ends, pause)
                 previous = None
         finally:  # after a bug: no record left running, nothing half-sent left open
             if previous is not None:
@@ -254,6 +250,12 @@ class Worker:
             if self._sender.begun:
                 self._sender.abort()
         return decisions
+
+    def _settle(
+        self, recording: _Recording, lease_ends: float, pause: Callable[[float], bool]
+    ) -> Decision:
+        """The recorder thread's try, and the retries on this thread if it failed."""
+        return self._record(recording.done, lease_ends, pause, first_try=recording.future.result)
 
     def _claim(
         self, conn: Connection, messages: list[DeliveryMessage]

@@ -248,16 +248,23 @@ def test_claim_is_decided_once_under_concurrency(db: Engine) -> None:
     assert results.count(ClaimStatus.STALE) == 60
 
 
-def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -> None:
-    sent_id, retry_id, failed_id = create(db, 3)
-    now = datetime.now(UTC)
+def claim_each(engine: Engine, email_ids: list[str], now: datetime) -> dict[str, sa.Row]:  # type: ignore[type-arg]
+    """Each email claimed (at version 1) in a transaction of its own: the rows as claimed."""
     claimed = {}
-    for email_id in (sent_id, retry_id, failed_id):
-        with unit_of_work(db) as conn:
+    for email_id in email_ids:
+        with unit_of_work(engine) as conn:
             result = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
         assert result.status is ClaimStatus.CLAIMED
         assert result.row is not None
         claimed[email_id] = result.row
+    return claimed
+
+
+def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -> None:
+    sent_id, retry_id, failed_id = create(db, 3)
+    now = datetime.now(UTC)
+    claimed = claim_each(db, [sent_id, retry_id, failed_id], now)
+    for email_id in claimed:
         # the relay has not flagged version 1 published here; the recovery row is version 2
         recovery = [r for r in unpublished(db, email_id) if r.version == 2]
         assert [r.fire_at for r in recovery] == [now + LEASE]  # due when the lease ends
@@ -329,12 +336,7 @@ def test_a_retried_record_knows_its_first_commit_landed(db: Engine) -> None:
     "the recovery path took the email over"."""
     sent_id, released_id, lost_id = create(db, 3)
     now = datetime.now(UTC)
-    rows = {}
-    for email_id in (sent_id, released_id, lost_id):
-        with unit_of_work(db) as conn:
-            claimed = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
-        assert claimed.row is not None
-        rows[email_id] = claimed.row
+    rows = claim_each(db, [sent_id, released_id, lost_id], now)
     finished = now + timedelta(milliseconds=150)
     sent = Outcome("sent", now, finished, smtp_code=250)
     released = Outcome("released", now, finished, error="smtp down", retry_at=finished)
