@@ -42,7 +42,7 @@ from bench.system import (
     count_arrived,
     lateness,
 )
-from services.core.broker import connection_parameters
+from services.core.broker import blocking_connection
 from services.core.ids import new_id
 
 SECTION = "celery"
@@ -131,7 +131,7 @@ class CeleryWorker:
 
 
 def _channel() -> tuple[pika.BlockingConnection, Any]:
-    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    connection = blocking_connection(RABBITMQ_URL)
     return connection, connection.channel()
 
 

@@ -16,13 +16,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pika
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.api.deps import fingerprint
 from services.core import emails
-from services.core.broker import connection_parameters, dead_letter_queue
+from services.core.broker import blocking_connection, dead_letter_queue
 from services.core.db import create_db_engine
 from services.core.emails import NewEmail
 from services.core.migrate import migrate
@@ -164,7 +163,7 @@ class BenchEnv:
 
 
 def delete_queues(names: Iterable[str]) -> None:
-    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    connection = blocking_connection(RABBITMQ_URL)
     try:
         channel = connection.channel()
         for name in names:

@@ -39,7 +39,12 @@ from bench.common import (
     summary,
 )
 from services.core import emails
-from services.core.broker import connection_parameters, declare_topology, message_properties
+from services.core.broker import (
+    blocking_connection,
+    connection_parameters,
+    declare_topology,
+    message_properties,
+)
 from services.core.db import create_db_engine
 from services.core.ids import new_id
 from services.core.messages import DeliveryMessage
@@ -124,7 +129,7 @@ def spawn_pool(size: int) -> ProcessPoolExecutor:
 
 
 def publish_confirm_each(queue: str, duration: float) -> float:
-    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    connection = blocking_connection(RABBITMQ_URL)
     try:
         channel = connection.channel()
         declare_topology(channel, queue)
@@ -208,7 +213,7 @@ def _queue_args(queue: str) -> dict[str, Any]:
 
 
 def consume_ack(queue: str, prefetch: int = 50) -> float:
-    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    connection = blocking_connection(RABBITMQ_URL)
     try:
         channel = connection.channel()
         total = queue_depth(channel, queue)

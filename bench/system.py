@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pika
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -59,7 +58,11 @@ from bench.common import (
 from bench.httpload import HttpLoad
 from services.api.schemas import ADDRESS_CACHE_SIZE
 from services.core import outbox
-from services.core.broker import connection_parameters, declare_topology, message_properties
+from services.core.broker import (
+    blocking_connection,
+    declare_topology,
+    message_properties,
+)
 from services.core.db import db_now, transaction
 from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
@@ -240,7 +243,7 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
     queue = env.queue("relay")
     settings = env.settings(queue)
     fastpath = FastPath(REDIS_URL, namespace=queue)
-    connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+    connection = blocking_connection(RABBITMQ_URL)
     channel = connection.channel()
     declare_topology(channel, queue)
     try:
@@ -336,7 +339,7 @@ def worker_section(env: BenchEnv, results: dict[str, Any]) -> None:
     for workers in (1, 2):
         with running_stack(settings, env.workdir) as stack:
             procs = [start_worker(stack) for _ in range(workers)]
-            connection = pika.BlockingConnection(connection_parameters(RABBITMQ_URL))
+            connection = blocking_connection(RABBITMQ_URL)
             channel = connection.channel()
             runs = []
             for rep in range(reps):

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.engine import Engine
 
-from services.core.broker import connection_parameters, dead_letter_queue, declare_topology
+from services.core.broker import blocking_connection, dead_letter_queue, declare_topology
 from services.core.errors import PoisonMessage
 from services.core.messages import DeliveryMessage
 from services.core.schema import emails
@@ -112,9 +112,7 @@ def email_states(engine: Engine, ids: list[str]) -> dict[str, EmailState]:
 
 @contextmanager
 def _channel(settings: Settings) -> Iterator[BlockingChannel]:
-    connection = pika.BlockingConnection(
-        connection_parameters(settings.rabbitmq_url.get_secret_value())
-    )
+    connection = blocking_connection(settings.rabbitmq_url.get_secret_value())
     try:
         channel = connection.channel()
         declare_topology(channel, settings.email_queue)

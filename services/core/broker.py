@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pika
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 DELIVERY_LIMIT = 20
@@ -41,6 +42,30 @@ def connection_parameters(url: str) -> pika.URLParameters:
     params.connection_attempts = 1
     params.client_properties = {"connection_name": "emailsched"}
     return params
+
+
+def reset_during_setup(error: BaseException) -> bool:
+    """pika 1.x's one connection failure that is not an AMQPError nor an OSError.
+
+    A peer that resets the TCP connection between connect and pika's transport set-up (a
+    broker in the middle of stopping, a proxy or load balancer with no broker behind it)
+    makes pika raise ``ValueError("Expected connected socket, but getpeername() failed")``,
+    out of ``BlockingConnection()`` or out of a ``SelectConnection``'s I/O loop. It is a
+    failed connection attempt like any other, to be retried like any other.
+    """
+    return isinstance(error, ValueError) and "getpeername() failed" in str(error)
+
+
+def blocking_connection(url: str) -> pika.BlockingConnection:
+    """A connection with ``connection_parameters``; a reset during set-up raises
+    ``AMQPConnectionError`` like every other failed attempt."""
+    try:
+        return pika.BlockingConnection(connection_parameters(url))
+    except ValueError as exc:
+        if reset_during_setup(exc):
+            reason = f"connection reset during set-up: {exc}"
+            raise pika.exceptions.AMQPConnectionError(reason) from exc
+        raise
 
 
 def queue_arguments(queue: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ APScheduler 3 is only the timer: one interval job runs ``Relay.run_once`` every
 previous one overran, which is exactly when the outbox is busiest. A Redis wake-up (the
 API saying "something is due now") moves the next poll to now; without Redis the relay
 simply polls. SIGTERM/SIGINT: stop polling, let confirms arrive (bounded), record them,
-hand back the rows not published, exit 0.
+hand back the rows not published, exit 0. If the publisher's thread ever ends on its own
+(a bug), the same shutdown runs and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def listen_for_wakeups(
             scheduler.modify_job(POLL_JOB, next_run_time=datetime.now(UTC))
         except (JobLookupError, SchedulerNotRunningError):
             return
+
+
+def wait_for_stop(received: list[int], publisher: Publisher) -> int:
+    """Until a signal (exit 0) or the publisher's thread has ended, which only a bug does:
+    exit 1 then, so that the process is restarted instead of claiming rows it cannot
+    publish (those it holds come back when their lease ends)."""
+    while not received:
+        if not publisher.alive:
+            log.critical("relay publisher thread ended unexpectedly; stopping (exit 1)")
+            return 1
+        time.sleep(0.1)
+    log.info("relay received %s, stopping", signal.Signals(received[0]).name)
+    return 0
 
 
 def main() -> int:
@@ -119,9 +133,7 @@ def main() -> int:
         "on" if fastpath.enabled else "off",
     )
 
-    while not received:
-        time.sleep(0.1)
-    log.info("relay received %s, stopping", signal.Signals(received[0]).name)
+    code = wait_for_stop(received, publisher)
     stop.set()
     relay.stop_claiming()
     scheduler.shutdown(wait=True)
@@ -130,7 +142,7 @@ def main() -> int:
         listener.join(timeout=2.0)  # it sees `stop` within one wake-up timeout (1 s)
     fastpath.close()
     engine.dispose()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

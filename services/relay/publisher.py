@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.spec import Basic
 
@@ -46,6 +47,7 @@ from services.core.broker import (
     connection_parameters,
     message_properties,
     queue_declarations,
+    reset_during_setup,
 )
 from services.core.messages import DeliveryMessage
 from services.core.outbox import OutboxRow
@@ -134,6 +136,11 @@ class Publisher:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """False once the I/O-loop thread has ended (stopped, or killed by a bug)."""
+        return self._thread.is_alive()
+
+    @property
     def ready(self) -> bool:
         """Connected, confirms on, topology declared, not blocked by a resource alarm."""
         return self._ready.is_set()
@@ -189,9 +196,22 @@ class Publisher:
     # --- I/O-loop thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        self._connect()
-        self._ioloop.start()
-        self._ioloop.close()
+        try:
+            self._connect()
+            while True:
+                try:
+                    self._ioloop.start()
+                    break
+                except ValueError as exc:
+                    connection = self._connection
+                    if connection is None or connection.is_open or not reset_during_setup(exc):
+                        raise
+                    # pika raised out of its loop and will not report this attempt: count
+                    # it as failed here (a late report from it is ignored) and go on.
+                    error = pika.exceptions.AMQPConnectionError(exc)
+                    self._on_connection_error(connection, error)
+        finally:
+            self._ioloop.close()
 
     def _finish(self, row: OutboxRow, error: str | None) -> None:
         self._results.put(Result(row, error))

@@ -45,7 +45,7 @@ from services.core.broker import (
     RECONNECT_FIRST_SECONDS,
     RECONNECT_MAX_SECONDS,
     RECONNECT_QUIET_SECONDS,
-    connection_parameters,
+    blocking_connection,
     declare_topology,
 )
 from services.core.db import create_db_engine
@@ -137,9 +137,7 @@ class Consumer:
 
     def _consume(self) -> None:
         queue = self._settings.email_queue
-        connection = pika.BlockingConnection(
-            connection_parameters(self._settings.rabbitmq_url.get_secret_value())
-        )
+        connection = blocking_connection(self._settings.rabbitmq_url.get_secret_value())
         try:
             channel = connection.channel()
             declare_topology(channel, queue)

@@ -27,6 +27,8 @@ from services.core.schema import outbox as outbox_table
 from services.core.settings import Settings
 from services.relay.publisher import Publisher
 from services.relay.relay import Relay
+from tests.support.pika_faults import slow_transport_setup
+from tests.support.proxy import FaultProxy
 
 OWNER = "o" * 32
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -219,6 +221,30 @@ def test_broker_unreachable_marks_nothing_published(
     rows = outbox_rows(db)
     assert all(r.published_at is None and r.due_at <= now for r in rows)
     assert {r.publish_attempts for r in rows} == {0}
+
+
+def test_a_reset_during_connection_setup_is_retried_like_any_failed_attempt(
+    settings: Settings,
+    db: Engine,
+    start_relay: Callable[..., Relay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pika raises ValueError out of the publisher's I/O loop when the peer resets between
+    connect and transport set-up (tests/support/pika_faults.py); that used to end the
+    publisher's thread for good. It is a failed attempt like any other now."""
+    url = settings.rabbitmq_url.get_secret_value()
+    port = pika.URLParameters(url).port
+    slow_transport_setup(monkeypatch, 0.3)
+    with FaultProxy(port) as proxy:
+        proxy.cut(reset_after=0.1)
+        relay = start_relay(url.replace(f":{port}/", f":{proxy.port}/"), wait=False)
+        deadline = time.monotonic() + 10
+        while len(proxy.attempts) < 3:
+            assert time.monotonic() < deadline, f"{len(proxy.attempts)} connection attempts"
+            time.sleep(0.05)
+        proxy.restore()
+        schedule(db, 3)
+        run_until(relay, lambda: published_count(db) == 3)
 
 
 def test_rows_of_a_dead_relay_come_back_after_the_lease(

@@ -20,6 +20,7 @@ import pika
 import pytest
 import redis
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine, make_url
 
 from services.core import emails, outbox
@@ -36,8 +37,10 @@ from services.core.messages import DeliveryMessage
 from services.core.schema import attempts
 from services.core.schema import outbox as outbox_table
 from services.core.settings import Settings
+from services.worker.__main__ import Consumer, StopFlag
 from services.worker.smtp import SmtpSender
 from services.worker.worker import Decision, Worker
+from tests.support.pika_faults import slow_transport_setup
 from tests.support.proxy import FaultProxy
 from tests.support.smtp_sink import SmtpSink, free_port
 
@@ -578,6 +581,56 @@ def test_worker_process_delivers_dead_letters_poison_and_stops_on_sigterm(
     log_text = log_file.read_text()
     assert "worker stopped" in log_text
     assert "guest:guest" not in log_text
+
+
+def test_a_reset_during_connection_setup_is_retried_like_any_failed_attempt(
+    db: Engine,
+    smtp_sink: SmtpSink,
+    settings: Settings,
+    make_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pika raises ValueError, not a connection error, when the peer resets between connect
+    and transport set-up (tests/support/pika_faults.py). The consumer retries it like any
+    failed attempt instead of ending the worker, and consumes once the broker is back."""
+    url = settings.rabbitmq_url.get_secret_value()
+    port = pika.URLParameters(url).port
+    slow_transport_setup(monkeypatch, 0.3)
+    with FaultProxy(port) as proxy:
+        proxy.cut(reset_after=0.1)
+        proxied = SecretStr(url.replace(f":{port}/", f":{proxy.port}/"))
+        consumer_settings = settings.model_copy(update={"rabbitmq_url": proxied})
+        stop = StopFlag()
+        consumer = Consumer(consumer_settings, make_worker(), db, stop)
+        errors: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                consumer.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        try:
+            wait_for(lambda: len(proxy.attempts) >= 2 or errors != [], 10, "a second attempt")
+            assert errors == []
+            proxy.restore()
+            email_id = create_email(db)
+            connection = pika.BlockingConnection(connection_parameters(url))
+            try:
+                channel = connection.channel()
+                declare_topology(channel, settings.email_queue)
+                body = relay(db, email_id).encode()
+                channel.basic_publish("", settings.email_queue, body, message_properties("test"))
+            finally:
+                connection.close()
+            wait_for(lambda: email_id in smtp_sink.by_email_id(), 20, "the delivery")
+        finally:
+            stop.requested = True
+            thread.join(10)
+    assert errors == []
+    assert not thread.is_alive()
 
 
 def test_sigterm_ends_a_record_waiting_for_the_database(

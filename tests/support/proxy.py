@@ -3,6 +3,7 @@ and then breaks on purpose.
 
     proxy = FaultProxy(target_port=3306); proxy.start()   # listen on proxy.port
     proxy.cut()        # refuse new connections and reset the open ones (link down)
+    proxy.cut(reset_after=0.1)  # accept, then reset (a balancer with nothing behind it)
     proxy.restore()    # forward again
     proxy.delay = 0.2  # add 200 ms to every chunk, both ways
     proxy.blackhole()  # accept, then never forward a byte (a hung peer / half-open link)
@@ -29,6 +30,7 @@ class FaultProxy:
         self.port = free_port()
         self.delay = 0.0
         self._mode = "pass"  # pass | cut | blackhole
+        self._reset_after = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -47,8 +49,9 @@ class FaultProxy:
         self._thread.join(5)
         self._loop.close()
 
-    def cut(self) -> None:
+    def cut(self, reset_after: float = 0.0) -> None:
         self._mode = "cut"
+        self._reset_after = reset_after
         self._call(self._reset_all())
 
     def blackhole(self) -> None:
@@ -84,6 +87,8 @@ class FaultProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.attempts.append(time.monotonic())
         if self._mode == "cut":
+            if self._reset_after:
+                await asyncio.sleep(self._reset_after)
             _reset(writer)
             return
         self.connections += 1
