@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -96,6 +96,33 @@ def _quote_display_name(name: str) -> str:
     return f'"{escaped}"'
 
 
+# The shape of most addresses: a dot-atom local part and a lowercase domain of two or more
+# LDH labels (no dash at either end, none doubled: so no Punycode). Such an address, within
+# the lengths below and outside the special-use names, is one email-validator accepts and
+# returns unchanged (a property test holds the two equal), so it is taken as it is.
+_ATEXT = r"[A-Za-z0-9_!#$%&'*+\-/=?^`{|}~]+"
+_LABEL = r"[a-z0-9]+(?:-[a-z0-9]+)*"
+_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@((?:{_LABEL}\.)+{_LABEL})")
+_MAX_PLAIN_ADDRESS = 254  # RFC 5321's path limit, as email-validator applies it
+_MAX_LABEL = 63  # (253 for the domain follows from the 254 of the whole)
+_SPECIAL_USE_SUFFIXES = tuple(f".{name}" for name in SPECIAL_USE_DOMAIN_NAMES)
+
+
+def is_plain_address(value: str) -> bool:
+    """True when ``value`` is an address email-validator would accept as it stands."""
+    match = _PLAIN_ADDRESS.fullmatch(value)
+    if match is None or len(value) > _MAX_PLAIN_ADDRESS:
+        return False
+    domain = match.group(1)
+    labels = domain.split(".")
+    return (
+        len(value) - len(domain) - 1 <= MAX_LOCAL_PART_OCTETS
+        and all(len(label) <= _MAX_LABEL for label in labels)
+        and labels[-1][-1].isalpha()  # a top-level domain ends with a letter
+        and not f".{domain}".endswith(_SPECIAL_USE_SUFFIXES)
+    )
+
+
 @functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def normalize_address(value: str) -> str:
     """``addr`` or ``Display Name <addr>``, checked by email-validator, normalized.
@@ -103,12 +130,20 @@ def normalize_address(value: str) -> str:
     The result is parsed again and must come back identical, so what the worker parses
     later is exactly what was validated here. It depends on nothing but ``value``, so
     the answers for recent addresses are kept: a sender's ``from`` repeats in every email
-    of a batch, and email-validator takes 30-100 us per address. A refused address raises
-    and is not kept.
+    of a batch. email-validator takes 20-100 us per address; a plain one
+    (``is_plain_address``) is taken as it is, in about 2. A refused address raises and is
+    not kept.
     """
     refuse_controls(value)
     if len(value) > MAX_ADDRESS_CHARS:
         raise ValueError(f"address longer than {MAX_ADDRESS_CHARS} characters")
+    if is_plain_address(value):
+        return value
+    return validated_address(value)
+
+
+def validated_address(value: str) -> str:
+    """``normalize_address`` by email-validator alone."""
     try:
         parsed = validate_email(value, check_deliverability=False, allow_display_name=True)
     except EmailNotValidError as exc:
