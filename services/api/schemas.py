@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from operator import methodcaller
 from typing import Annotated, Any, Literal, Self
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
@@ -23,7 +24,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -176,14 +176,11 @@ def _to_utc(value: datetime) -> datetime:
     return utc
 
 
-def format_utc(value: datetime) -> str:
-    """ISO 8601 in UTC with a ``Z``: the one way the API writes a time."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 Address = Annotated[str, AfterValidator(normalize_address)]
 SendAt = Annotated[AwareDatetime, BeforeValidator(_require_text), AfterValidator(_to_utc)]
-UTCTime = Annotated[datetime, PlainSerializer(format_utc, return_type=str)]
+# The one way the API writes a time: ISO 8601 in UTC with a ``Z`` (pydantic writes a UTC
+# datetime so, in C; converting on the way in costs less than a Python serializer).
+UTCTime = Annotated[datetime, AfterValidator(methodcaller("astimezone", UTC))]
 MetadataValue = (
     StrictBool
     | StrictInt

@@ -9,15 +9,16 @@ from typing import Any, get_args
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from services.api.schemas import (
     OWNED_HEADERS,
+    AttemptOut,
     BatchRequest,
     EmailRequest,
     RescheduleRequest,
     Status,
-    format_utc,
+    UTCTime,
     is_plain_address,
     normalize_address,
     validated_address,
@@ -211,7 +212,7 @@ def test_send_at_is_converted_to_utc_and_2040_works() -> None:
     assert parsed.send_at == datetime(2040, 6, 1, 10, tzinfo=UTC)
     assert parsed.send_at is not None
     assert parsed.send_at.utcoffset() is not None
-    assert format_utc(parsed.send_at) == "2040-06-01T10:00:00Z"
+    assert TypeAdapter(UTCTime).dump_json(parsed.send_at) == b'"2040-06-01T10:00:00Z"'
 
 
 def test_reschedule_needs_an_aware_send_at() -> None:
@@ -252,10 +253,19 @@ def test_status_filter_matches_the_core_statuses() -> None:
     assert set(get_args(Status)) == set(STATUSES)
 
 
-def test_format_utc_always_ends_in_z() -> None:
+def test_times_are_written_in_utc_with_a_z() -> None:
     local = datetime(2030, 1, 1, 1, 30, tzinfo=timezone(timedelta(hours=1, minutes=30)))
-    assert format_utc(local) == "2030-01-01T00:00:00Z"
-    assert format_utc(datetime(2030, 1, 1, 0, 0, 0, 5, tzinfo=UTC)) == "2030-01-01T00:00:00.000005Z"
+    attempt = AttemptOut(
+        number=1,
+        started_at=local,
+        finished_at=datetime(2030, 1, 1, 0, 0, 0, 5, tzinfo=UTC),
+        outcome="sent",
+        smtp_code=250,
+        error=None,
+    )
+    written = json.loads(attempt.model_dump_json())
+    assert written["started_at"] == "2030-01-01T00:00:00Z"
+    assert written["finished_at"] == "2030-01-01T00:00:00.000005Z"
 
 
 # --- the plain-address shortcut ---------------------------------------------------------

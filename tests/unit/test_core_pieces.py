@@ -17,6 +17,7 @@ def test_ids_are_uuid7_and_strictly_increasing() -> None:
     ids = [new_id() for _ in range(20_000)]  # many fall in one millisecond
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
+    assert all(str(uuid.UUID(i)) == i for i in ids)  # the canonical form, lower-case hex
     parsed = uuid.UUID(ids[0])
     assert parsed.version == 7
     assert parsed.variant == uuid.RFC_4122
