@@ -28,12 +28,14 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     impl = mysql.DATETIME(fsp=6)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
+        """As the text PyMySQL would send for the naive UTC datetime, written by
+        ``datetime.isoformat`` (C) rather than PyMySQL's Python formatting."""
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime: store UTC with an explicit zone")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
@@ -46,7 +48,11 @@ class JSONText(sa.TypeDecorator[Any]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        return None if value is None else json.dumps(value, separators=(",", ":"))
+        if value is None:
+            return None
+        if not value and isinstance(value, list | dict):  # most cc, bcc, headers, metadata
+            return "[]" if isinstance(value, list) else "{}"
+        return json.dumps(value, separators=(",", ":"))
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
         return None if value is None else json.loads(value)

@@ -1,15 +1,21 @@
-"""Small core pieces that need no services: ids, messages, URL masking, cursors."""
+"""Small core pieces that need no services: ids, messages, URL masking, cursors, the
+column types' bind values."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 
+import pymysql.converters
 import pytest
+from sqlalchemy.dialects import mysql
 
 from services.core.emails import decode_cursor, encode_cursor, message_id_for
 from services.core.errors import PoisonMessage
 from services.core.ids import new_id
 from services.core.messages import DeliveryMessage
+from services.core.schema import JSONText, UTCDateTime
 from services.core.settings import mask_url
 
 
@@ -65,3 +71,25 @@ def test_cursor_round_trip_and_garbage() -> None:
 def test_message_id_uses_the_sender_domain() -> None:
     assert message_id_for("abc", "Ann <ann@example.org>") == "<abc@example.org>"
     assert message_id_for("abc", "") == "<abc@emailsched.invalid>"
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 29, 2, 30, 0, 123456, tzinfo=UTC),
+        datetime(2026, 11, 29, 2, 30, 0, tzinfo=UTC),  # no fraction: none written
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 11, 29, 4, 30, tzinfo=timezone(timedelta(hours=2))),  # stored as UTC
+    ],
+)
+def test_a_time_is_bound_as_the_text_pymysql_would_send(moment: datetime) -> None:
+    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
+    bound = UTCDateTime().process_bind_param(moment, mysql.dialect())
+    assert f"'{bound}'" == pymysql.converters.escape_datetime(naive_utc)
+
+
+@pytest.mark.parametrize("value", [[], {}, ["a@example.com"], {"k": [1, None, "é"]}, 0, "", False])
+def test_json_columns_are_bound_as_compact_json(value: object) -> None:
+    assert JSONText().process_bind_param(value, mysql.dialect()) == json.dumps(
+        value, separators=(",", ":")
+    )
