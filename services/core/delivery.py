@@ -2,12 +2,20 @@
 
 A broker message says "deliver email X as of version N". A worker takes a batch of
 messages and claims them with ONE conditional UPDATE: an email is claimed only if its
-version is still N, it is ``pending`` or ``queued`` and due. Claiming bumps the version
-(so every other copy of the message is stale), puts the email ``sending`` under a lease,
-stamps it with the batch's token, and writes a *recovery* outbox row due when the lease
-ends: if the worker dies before recording the outcome, that row brings the email back
-to a worker (the documented duplicate window). Recording an outcome - one transaction
-per email, so that a crash after a 250 duplicates at most that one email - deletes it.
+version is still N, it is ``pending`` or ``queued`` and due (within the ``LEAD``).
+Claiming bumps the version (so every other copy of the message is stale), puts the email
+``sending`` under a lease, stamps it with the batch's token, and writes a *recovery*
+outbox row due when the lease ends (and a lead): if the worker dies before recording the
+outcome, that row brings the email back to a worker (the documented duplicate window).
+Recording an outcome - one transaction per email, so that a crash after a 250
+duplicates at most that one email - deletes it.
+
+Messages come a ``LEAD`` ahead of their instant: the relay publishes each row that much
+before its ``fire_at``, and an email due within the lead is claimed, so that the broker's
+commit, the claim's commit and the start of the SMTP transaction all happen before the
+instant. The worker holds back the final "." - the moment the server accepts the
+message - until the email is due by the database clock. A recovery row is due a lead
+after its lease ends, so its message, too, comes only once the lease has ended.
 
 The rare paths (an early message, an email a dead worker left ``sending``, a message
 for an email that does not exist) are decided one by one in ``_claim_one``.
@@ -30,6 +38,11 @@ from services.core.messages import DeliveryMessage
 from services.core.schema import UTCDateTime, attempts, emails
 
 CLAIMABLE = ("pending", "queued")
+
+# How long before its instant a message is published and its email may be claimed: the
+# broker's and the claim's commits, and the SMTP transaction up to its final ".", take
+# a few milliseconds each; 100 ms covers them with room for a slow disk sync.
+LEAD = timedelta(milliseconds=100)
 
 
 class ClaimStatus(enum.Enum):
@@ -72,6 +85,7 @@ def claim_batch(
         return []
     token = secrets.token_hex(8)
     lease_until = now + lease
+    horizon = now + LEAD  # due by then: claimed now, its final "." held until due
     wanted = {m.email_id: m.version for m in reversed(messages)}  # the first copy wins
     conn.execute(
         emails.update()
@@ -79,7 +93,7 @@ def claim_batch(
             emails.c.id.in_(list(wanted)),
             emails.c.version == sa.case(wanted, value=emails.c.id),
             emails.c.status.in_(CLAIMABLE),
-            emails.c.due_at <= now,
+            emails.c.due_at <= horizon,
         )
         .values(
             status="sending",
@@ -96,7 +110,7 @@ def claim_batch(
             sa.select(emails).where(emails.c.id.in_(list(wanted)), emails.c.claim_token == token)
         )
     }
-    outbox.add(conn, [outbox.Entry(row.id, row.version, lease_until) for row in claimed.values()])
+    outbox.add(conn, [_recovery(row.id, row.version, lease_until) for row in claimed.values()])
     results: list[Claim] = []
     for message in messages:
         row = claimed.pop(message.email_id, None)
@@ -133,7 +147,7 @@ def _claim_one(
     abandoned = row.status == "sending" and row.lease_until is not None and row.lease_until <= now
     if row.version != version or not (row.status in CLAIMABLE or abandoned):
         return Claim(ClaimStatus.STALE, row)
-    if row.status in CLAIMABLE and row.due_at > now:  # not due yet: bring it back on time
+    if row.status in CLAIMABLE and row.due_at > now + LEAD:  # early: bring it back on time
         outbox.add(conn, [outbox.Entry(email_id, version, row.due_at)])
         return Claim(ClaimStatus.EARLY, row)
     if row.status in CLAIMABLE:  # due, but the batch UPDATE held another copy's version
@@ -194,10 +208,17 @@ def _take(
     if last_error is not None:
         values["last_error"] = last_error
     conn.execute(emails.update().where(emails.c.id == row.id).values(**values))
-    outbox.add(conn, [outbox.Entry(row.id, row.version + 1, lease_until)])
+    outbox.add(conn, [_recovery(row.id, row.version + 1, lease_until)])
     return Claim(
         ClaimStatus.CLAIMED, conn.execute(sa.select(emails).where(emails.c.id == row.id)).one()
     )
+
+
+def _recovery(email_id: str, version: int, lease_until: datetime) -> outbox.Entry:
+    """The outbox row that brings a claimed email back if its worker vanishes: due a lead
+    after the lease ends, so that its message, published a lead early, finds the lease
+    over (``_claim_one`` takes up only an email whose lease has ended)."""
+    return outbox.Entry(email_id, version, lease_until + LEAD)
 
 
 # The worker records every email in a transaction of its own, so the statements of that

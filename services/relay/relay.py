@@ -8,8 +8,10 @@ the poll goes on claiming: recording and claiming overlap instead of taking turn
 while the publisher is connected and has room, the poll claims rows
 due before ``now + lookahead`` (lookahead = one poll interval and a margin, so a row is
 already in the publisher when its instant comes) and hands each over with the monotonic
-deadline at which the database clock reaches its ``fire_at``. It keeps claiming while
-full batches come back, so a burst drains at the publisher's speed, not a batch per poll.
+deadline at which the database clock reaches its ``fire_at`` less the delivery ``LEAD``
+(the worker holds the email's final "." until its instant: services.core.delivery).
+It keeps claiming while full batches come back, so a burst drains at the publisher's
+speed, not a batch per poll.
 
 What can go wrong, and why nothing is lost:
 - the broker is down: nothing is claimed, rows stay due;
@@ -37,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.core import outbox, retention
 from services.core.db import db_now, is_unavailable, transaction
+from services.core.delivery import LEAD
 from services.core.settings import Settings
 from services.relay.publisher import Publisher, Result
 
@@ -274,9 +277,9 @@ class Relay:
             return None
         self._database_back()
         self._window.scanned(floor, now, complete=len(rows) < limit)
-        self._publisher.submit(
-            [(row, monotonic_now + (row.fire_at - now).total_seconds()) for row in rows]
-        )
+        # Published a lead early: the worker claims it and holds its final "." till due.
+        ahead = monotonic_now - LEAD.total_seconds()
+        self._publisher.submit([(row, ahead + (row.fire_at - now).total_seconds()) for row in rows])
         return len(rows)
 
     def _database_error(self, doing: str, exc: SQLAlchemyError) -> None:

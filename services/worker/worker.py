@@ -8,6 +8,7 @@ Messages come in batches (whatever the consumer has at hand, up to its prefetch)
                                                 ─ STALE / EARLY ────────> ACK
                                                 ─ database unavailable ─> REQUEUE
                                                 ─ CLAIMED ─> compose + SMTP, one by one,
+                                                  each final "." held until due,
                                                   each outcome recorded before the
                                                   next email's final "."
                                                      committed ─────────> ACK
@@ -28,6 +29,12 @@ While MySQL is unavailable the record is retried (once more just before the leas
 then on until the database answers), since every retry that lands closes the window
 without a duplicate. Past the lease a record can still land: the version it is made on
 decides, and only another worker's claim of the email moves that on.
+
+Messages come up to ``delivery.LEAD`` (100 ms) before their instant, and emails due
+within it are claimed: by the instant the email is claimed and its SMTP transaction
+begun, and only the final "." - with which the server takes the message - waits for
+the database clock to reach ``due_at``. Nothing of an attempt happens on the record
+before that: it starts at its instant, and a refusal is recorded once it is due.
 
 An email is not attempted - it is *released*, due again shortly, without using up an
 attempt - when the SMTP server proved unreachable earlier in the batch, or when so much of
@@ -105,14 +112,23 @@ class _Recording:
 
 
 class _Clock:
-    """The database clock, carried forward by the monotonic clock from one reading."""
+    """The database clock, carried forward by the monotonic clock from one reading.
 
-    def __init__(self, db_time: datetime) -> None:
+    ``started`` is read after the database answered, so this clock lags the database's
+    by that answer's trip and never runs ahead of it: an email held until it is due by
+    this clock is due by the database's."""
+
+    def __init__(self, db_time: datetime, started: float) -> None:
         self._db_time = db_time
-        self.started = time.monotonic()
+        self._started = started
 
     def now(self) -> datetime:
-        return self._db_time + timedelta(seconds=time.monotonic() - self.started)
+        return self._db_time + timedelta(seconds=time.monotonic() - self._started)
+
+    def wait_until(self, instant: datetime) -> None:
+        """Return once ``now()`` has reached ``instant`` (at once if it has)."""
+        while (left := (instant - self.now()).total_seconds()) > 0:
+            time.sleep(left)
 
 
 class Worker:
@@ -188,11 +204,10 @@ class Worker:
         # somewhere inside the claim transaction, so this end is never later than its.
         lease_ends = time.monotonic() + self._settings.lease_seconds
         try:
-            claimed_at, claims = transaction(self._engine, lambda conn: self._claim(conn, messages))
+            clock, claims = transaction(self._engine, lambda conn: self._claim(conn, messages))
         except SQLAlchemyError as exc:
             self._log_db_error(exc, f"claim of {len(messages)} messages failed, requeueing")
             return dict.fromkeys((index for index, _ in wanted), Decision.REQUEUE)
-        clock = _Clock(claimed_at)
         decisions: dict[int, Decision] = {}
         to_send: list[tuple[int, Row[Any]]] = []
         for (index, message), claim in zip(wanted, claims, strict=True):
@@ -209,6 +224,8 @@ class Worker:
                 decisions[index] = Decision.ACK
             else:
                 to_send.append((index, claim.row))
+        # Claimed up to a lead before they are due: in the order they fall due.
+        to_send.sort(key=lambda item: item[1].due_at)
         decisions.update(self._send(to_send, clock, lease_ends, pause))
         return decisions
 
@@ -224,7 +241,8 @@ class Worker:
         previous: _Recording | None = None
         try:
             for index, row in to_send:
-                started_at = clock.now()
+                # Claimed up to a lead early, the attempt counts from its instant.
+                started_at = max(clock.now(), row.due_at)
                 attempt = self._begin(row, started_at, lease_ends)
                 if previous is not None:
                     # The previous send is recorded before this one's final "." goes out:
@@ -235,8 +253,10 @@ class Worker:
                     decisions[previous.index] = self._settle(previous, lease_ends, pause)
                     previous = None
                     if failed and attempt is None:  # never sent: start it again
-                        started_at = clock.now()
+                        started_at = max(clock.now(), row.due_at)
                         attempt = self._begin(row, started_at, lease_ends)
+                # Nothing is sent - or decided - before the email is due.
+                clock.wait_until(row.due_at)
                 if attempt is None:
                     attempt = self._finish()
                 done = _Done(row, started_at, clock.now(), attempt)
@@ -259,8 +279,9 @@ class Worker:
 
     def _claim(
         self, conn: Connection, messages: list[DeliveryMessage]
-    ) -> tuple[datetime, list[Claim]]:
+    ) -> tuple[_Clock, list[Claim]]:
         now = db_now(conn)
+        clock = _Clock(now, time.monotonic())  # read after the database's answer
         claims = delivery.claim_batch(
             conn,
             messages,
@@ -268,7 +289,7 @@ class Worker:
             lease=self._lease,
             max_attempts=self._settings.max_attempts,
         )
-        return now, claims
+        return clock, claims
 
     def _begin(self, row: Row[Any], now: datetime, lease_ends: float) -> _Attempt | None:
         """Start the email's SMTP transaction, all but its final "."; None when it is

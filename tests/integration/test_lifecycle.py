@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from services.core import emails, outbox
 from services.core.db import db_now, transaction, unit_of_work
 from services.core.delivery import (
+    LEAD,
     Claim,
     ClaimStatus,
     Outcome,
@@ -223,6 +224,29 @@ def test_an_early_message_is_brought_back_on_time(db: Engine) -> None:
     assert sorted(r.fire_at for r in unpublished(db, email_id)) == [send_at, send_at]
 
 
+def test_an_email_due_within_the_lead_is_claimed_and_one_beyond_it_is_early(
+    db: Engine,
+) -> None:
+    now = datetime.now(UTC)
+    (within,) = create(db, send_at=now + LEAD)
+    (beyond,) = create(db, send_at=now + LEAD + timedelta(milliseconds=1))
+    with unit_of_work(db) as conn:
+        claims = claim_batch(
+            conn,
+            [DeliveryMessage(within, 1), DeliveryMessage(beyond, 1)],
+            now=now,
+            lease=LEASE,
+            max_attempts=5,
+        )
+    assert [c.status for c in claims] == [ClaimStatus.CLAIMED, ClaimStatus.EARLY]
+    assert claims[0].row is not None
+    assert claims[0].row.due_at == now + LEAD  # the worker holds its final "." till then
+    assert email_row(db, beyond).status == "pending"
+    assert [r.fire_at for r in unpublished(db, beyond)] == [
+        now + LEAD + timedelta(milliseconds=1)
+    ] * 2
+
+
 def test_claim_is_decided_once_under_concurrency(db: Engine) -> None:
     ids = create(db, 20)
     results: list[ClaimStatus] = []
@@ -267,7 +291,8 @@ def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -
     for email_id in claimed:
         # the relay has not flagged version 1 published here; the recovery row is version 2
         recovery = [r for r in unpublished(db, email_id) if r.version == 2]
-        assert [r.fire_at for r in recovery] == [now + LEASE]  # due when the lease ends
+        # due a lead after the lease ends: its message, a lead early, finds the lease over
+        assert [r.fire_at for r in recovery] == [now + LEASE + LEAD]
     retry_at = now + timedelta(seconds=30)
     outcomes = {
         sent_id: Outcome("sent", now, now, smtp_code=250),
@@ -308,9 +333,10 @@ def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: 
     with unit_of_work(db) as conn:
         first = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
     assert first.row is not None  # ... and this worker dies here
-    with unit_of_work(db) as conn:  # the recovery row's message, before the lease ends
-        early = claim(conn, email_id, 2, now=now + LEASE / 2, lease=LEASE, max_attempts=5)
-    assert early.status is ClaimStatus.STALE
+    for before_the_end in (LEASE / 2, LEASE - timedelta(microseconds=1)):
+        with unit_of_work(db) as conn:  # the recovery row's message, before the lease ends
+            early = claim(conn, email_id, 2, now=now + before_the_end, lease=LEASE, max_attempts=5)
+        assert early.status is ClaimStatus.STALE
     later = now + LEASE + timedelta(seconds=1)
     with unit_of_work(db) as conn:
         second = claim(conn, email_id, 2, now=later, lease=LEASE, max_attempts=5)

@@ -31,7 +31,7 @@ from services.core.broker import (
     message_properties,
 )
 from services.core.db import create_db_engine, db_now
-from services.core.delivery import ClaimStatus, claim_batch
+from services.core.delivery import LEAD, ClaimStatus, claim_batch
 from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
 from services.core.schema import attempts
@@ -65,7 +65,7 @@ def create_email(engine: Engine, **changes: Any) -> str:
 
 
 def relay(engine: Engine, email_id: str, timeout: float = 10) -> DeliveryMessage:
-    """Publish the email's next outbox row once it is due, as the relay would."""
+    """Publish the email's next outbox row a lead before it is due, as the relay would."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.begin() as conn:
@@ -75,7 +75,7 @@ def relay(engine: Engine, email_id: str, timeout: float = 10) -> DeliveryMessage
                 .where(outbox_table.c.email_id == email_id, outbox_table.c.published_at.is_(None))
                 .order_by(outbox_table.c.fire_at)
             ).first()
-            if row is not None and row.fire_at <= now:
+            if row is not None and row.fire_at - LEAD <= now:
                 outbox.mark_published(conn, [row.id], now)
                 return DeliveryMessage(email_id, row.version)
         time.sleep(0.02)
@@ -174,6 +174,29 @@ def test_delivers_once_with_headers_and_records(
     assert worker.handle(message.encode()) is Decision.ACK
     assert make_worker(use_redis=False).handle(message.encode()) is Decision.ACK
     assert smtp_sink.handler.transactions == 1
+
+
+def test_emails_claimed_a_lead_early_are_finished_at_their_instant_in_due_order(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    with db.begin() as conn:
+        now = db_now(conn)
+    later = create_email(db, send_at=now + timedelta(milliseconds=320))
+    sooner = create_email(db, send_at=now + timedelta(milliseconds=300))
+    messages = [relay(db, later), relay(db, sooner)]  # both due within the lead now
+    worker = make_worker()
+    assert worker.handle_batch([m.encode() for m in messages]) == [Decision.ACK] * 2
+
+    rows = {email_id: email_row(db, email_id) for email_id in (later, sooner)}
+    assert [r.email_id for r in smtp_sink.received] == [sooner, later]
+    for received in smtp_sink.received:
+        send_at = rows[received.email_id].send_at
+        assert received.arrived_at >= send_at, "the final dot went out before send_at"
+        [attempt] = attempt_rows(db, received.email_id)
+        assert attempt.started_at == send_at  # an attempt counts from its instant
+        assert attempt.finished_at >= send_at
+    # the first was begun on the wire well before its instant: only its "." was held
+    assert smtp_sink.received[0].mail_at < rows[sooner].send_at
 
 
 @pytest.mark.parametrize("mode", ["redis", "no-redis", "redis-flushed"])

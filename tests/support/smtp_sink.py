@@ -31,7 +31,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 class Received:
     email_id: str | None
     message_id: str | None
-    arrived_at: datetime
+    arrived_at: datetime  # the end of DATA: the final "." read
+    mail_at: datetime  # the MAIL command: the start of the transaction
     mail_from: str
     rcpt_tos: tuple[str, ...]
     raw: bytes
@@ -60,6 +61,19 @@ class ScriptedHandler:
                     return queue.pop(0)
         return "250 2.0.0 OK"
 
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.mail_at = datetime.now(UTC)  # type: ignore[attr-defined]
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.transactions += 1
         reply = self._next_reply(envelope.rcpt_tos)
@@ -80,6 +94,7 @@ class ScriptedHandler:
                         email_id=parsed.get("X-Email-Id"),
                         message_id=parsed.get("Message-ID"),
                         arrived_at=datetime.now(UTC),
+                        mail_at=envelope.mail_at,  # type: ignore[attr-defined]
                         mail_from=envelope.mail_from or "",
                         rcpt_tos=tuple(envelope.rcpt_tos),
                         raw=raw,
