@@ -8,7 +8,7 @@ Claiming bumps the version (so every other copy of the message is stale), puts t
 outbox row due when the lease ends (and a lead): if the worker dies before recording the
 outcome, that row brings the email back to a worker (the documented duplicate window).
 Recording an outcome - one transaction per email, so that a crash after a 250
-duplicates at most that one email - deletes it.
+duplicates at most that one email - deletes it (a batch's with the batch's last record).
 
 Messages come a ``LEAD`` ahead of their instant: the relay publishes each row that much
 before its ``fire_at``, and an email due within the lead is claimed, so that the broker's
@@ -245,14 +245,25 @@ _RECORD = (
 _INSERT_ATTEMPT = attempts.insert()
 
 
-def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
-    """Record one attempt and the email's new status; drop its recovery outbox row.
+def record(
+    conn: Connection,
+    row: Row[Any],
+    result: Outcome,
+    *,
+    discard: Sequence[tuple[str, int]] | None = None,
+) -> bool:
+    """Record one attempt and the email's new status; drop recovery outbox rows.
 
     One email per transaction, on purpose: between the SMTP server's 250 and this commit
     a crash duplicates the email, and recording each send at once keeps that window to
     one email. ``row`` is the email as claimed. An email whose lease ran out meanwhile
     (another worker took it up: its version moved on) is left alone and False returned;
     the recovery path has already recorded that attempt as "outcome unknown".
+
+    ``discard`` names the recovery rows, as (email id, version), this transaction drops:
+    by default the email's own. A recovery row outliving its record is harmless (its
+    message, when the lease ends, finds a newer version or a finished email and is
+    dropped), so a worker recording a batch drops them all with the batch's last record.
 
     Every column the UPDATE sets is computed from ``row``: the version condition makes
     the claimed row the row being updated.
@@ -274,11 +285,11 @@ def record(conn: Connection, row: Row[Any], result: Outcome) -> bool:
             "b_updated_at": result.finished_at,
         },
     ).rowcount
+    outbox.discard_versions(conn, [(row.id, row.version)] if discard is None else discard)
     if not owned:
         return False
     if result.outcome != "released":
         _insert_attempt(conn, row, result)
-    outbox.discard_pending(conn, row.id, row.version)
     if retry_at is not None:
         outbox.add(conn, [outbox.Entry(row.id, row.version + 1, retry_at)])
     return True

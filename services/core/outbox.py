@@ -194,13 +194,24 @@ _DISCARD_PENDING = outbox.delete().where(
 _DISCARD_VERSION = _DISCARD_PENDING.where(outbox.c.version == sa.bindparam("b_version"))
 
 
-def discard_pending(conn: Connection, email_id: str, version: int | None = None) -> None:
-    """Drop the unpublished rows of an email (all, or those of one version). The worker
-    calls this once per email recorded: the statements are built once."""
-    if version is None:
-        conn.execute(_DISCARD_PENDING, {"b_email_id": email_id})
-    else:
+def discard_pending(conn: Connection, email_id: str) -> None:
+    """Drop every unpublished row of an email (it was cancelled or rescheduled)."""
+    conn.execute(_DISCARD_PENDING, {"b_email_id": email_id})
+
+
+def discard_versions(conn: Connection, versions: Sequence[tuple[str, int]]) -> None:
+    """Drop the unpublished rows of these (email id, version) pairs in one statement: the
+    recovery rows of the emails a worker recorded (one, or a batch's worth)."""
+    if len(versions) == 1:  # the worker's most common call: a statement built once
+        ((email_id, version),) = versions
         conn.execute(_DISCARD_VERSION, {"b_email_id": email_id, "b_version": version})
+    elif versions:
+        conn.execute(
+            outbox.delete().where(  # a range scan of the email_id index, MySQL and MariaDB
+                sa.tuple_(outbox.c.email_id, outbox.c.version).in_(list(versions)),
+                outbox.c.published_at.is_(None),
+            )
+        )
 
 
 def publish_attempts(conn: Connection, ids: Iterable[int]) -> dict[int, int]:

@@ -100,6 +100,7 @@ class _Done:
     started_at: datetime
     finished_at: datetime
     attempt: _Attempt
+    discard: tuple[tuple[str, int], ...]  # recovery rows the record drops (delivery.record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,11 +237,15 @@ class Worker:
         lease_ends: float,
         pause: Callable[[float], bool],
     ) -> dict[int, Decision]:
-        """Send the claimed emails one by one, each recorded before the next is finished."""
+        """Send the claimed emails one by one, each recorded before the next is finished.
+
+        Their recovery rows all go with the batch's last record: one DELETE per batch,
+        not one per email. A record that did not land (requeued) keeps its row."""
         decisions: dict[int, Decision] = {}
         previous: _Recording | None = None
+        settled: list[tuple[str, int]] = []  # recorded: their recovery rows may go
         try:
-            for index, row in to_send:
+            for position, (index, row) in enumerate(to_send, start=1):
                 # Claimed up to a lead early, the attempt counts from its instant.
                 started_at = max(clock.now(), row.due_at)
                 attempt = self._begin(row, started_at, lease_ends)
@@ -251,6 +256,8 @@ class Worker:
                     if failed and attempt is None:  # retries may take long: give it up
                         self._sender.abort()
                     decisions[previous.index] = self._settle(previous, lease_ends, pause)
+                    if decisions[previous.index] is Decision.ACK:
+                        settled.append((previous.done.row.id, previous.done.row.version))
                     previous = None
                     if failed and attempt is None:  # never sent: start it again
                         started_at = max(clock.now(), row.due_at)
@@ -259,7 +266,9 @@ class Worker:
                 clock.wait_until(row.due_at)
                 if attempt is None:
                     attempt = self._finish()
-                done = _Done(row, started_at, clock.now(), attempt)
+                last = position == len(to_send)
+                discard = (*settled, (row.id, row.version)) if last else ()
+                done = _Done(row, started_at, clock.now(), attempt, discard)
                 previous = _Recording(index, done, self._recorder.submit(self._try_record, done))
             if previous is not None:
                 decisions[previous.index] = self._settle(previous, lease_ends, pause)
@@ -340,7 +349,7 @@ class Worker:
                 error=attempt.error,
                 retry_at=self._retry_at(row, attempt, now),
             )
-            recorded = delivery.record(conn, row, outcome)
+            recorded = delivery.record(conn, row, outcome, discard=done.discard)
             if not recorded and retrying and delivery.recorded_before(conn, row, outcome):
                 log.info("email %s: the record had landed; its answer was lost", row.id)
                 recorded = True

@@ -284,6 +284,39 @@ def claim_each(engine: Engine, email_ids: list[str], now: datetime) -> dict[str,
     return claimed
 
 
+def test_a_record_drops_the_recovery_rows_it_is_given_and_a_leftover_one_is_harmless(
+    db: Engine,
+) -> None:
+    first_id, second_id = create(db, 2)
+    now = datetime.now(UTC)
+    claimed = claim_each(db, [first_id, second_id], now)
+    first, second = claimed[first_id], claimed[second_id]
+    with unit_of_work(db) as conn:  # a batch's first record leaves its recovery row...
+        assert record(conn, first, Outcome("sent", now, now, smtp_code=250), discard=())
+    assert [r.version for r in unpublished(db, first_id) if r.version == 2] == [2]
+    retry_at = now + timedelta(seconds=30)
+    with unit_of_work(db) as conn:  # ... and the last drops both, but not a retry's row
+        outcome = Outcome("transient_error", now, now, smtp_code=451, retry_at=retry_at)
+        assert record(conn, second, outcome, discard=[(first_id, 2), (second_id, 2)])
+    assert [r.version for r in unpublished(db, first_id) if r.version > 1] == []
+    assert [(r.version, r.fire_at) for r in unpublished(db, second_id) if r.version > 1] == [
+        (3, retry_at)
+    ]
+
+    # Had the worker died between the two, the leftover row's message would come after
+    # the lease: the email is sent, so it is dropped - no second send.
+    (third_id,) = create(db)
+    third = claim_each(db, [third_id], now)[third_id]
+    with unit_of_work(db) as conn:
+        assert record(conn, third, Outcome("sent", now, now, smtp_code=250), discard=())
+    (leftover,) = [r for r in unpublished(db, third_id) if r.version == 2]
+    assert leftover.fire_at == now + LEASE + LEAD
+    with unit_of_work(db) as conn:
+        late = claim(conn, third_id, 2, now=leftover.fire_at, lease=LEASE, max_attempts=5)
+    assert late.status is ClaimStatus.STALE
+    assert email_row(db, third_id).status == "sent"
+
+
 def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -> None:
     sent_id, retry_id, failed_id = create(db, 3)
     now = datetime.now(UTC)

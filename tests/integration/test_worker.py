@@ -486,6 +486,33 @@ def test_no_send_is_finished_before_the_previous_one_is_recorded(
     assert smtp_sink.handler.transactions == 3  # the aborted one never reached its end
     for email_id in ids:
         assert (email_row(db, email_id).status, email_row(db, email_id).attempts) == ("sent", 1)
+        assert pending_outbox(db, email_id) == []  # recovery rows gone with the last record
+
+
+def test_a_batch_drops_its_recovery_rows_in_one_statement_keeping_retries(
+    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+) -> None:
+    ids = [create_email(db, to=[f"n{i}@example.com"]) for i in range(5)]
+    smtp_sink.script("n2@example.com", "451 4.3.0 later")
+    batch = [relay(db, email_id).encode() for email_id in ids]
+    deletes: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("DELETE FROM outbox"):
+            deletes.append(statement)
+
+    sa.event.listen(db, "before_cursor_execute", count)
+    try:
+        assert make_worker(use_redis=False).handle_batch(batch) == [Decision.ACK] * 5
+    finally:
+        sa.event.remove(db, "before_cursor_execute", count)
+    assert len(deletes) == 1, deletes
+    assert [email_row(db, email_id).status for email_id in ids] == ["sent"] * 2 + ["pending"] + [
+        "sent"
+    ] * 2
+    assert [pending_outbox(db, email_id) for email_id in ids[:2] + ids[3:]] == [[]] * 4
+    [retry] = pending_outbox(db, ids[2])  # the 451's retry, not its recovery row
+    assert retry.version == email_row(db, ids[2]).version
 
 
 def test_a_stop_ends_the_record_retries(
