@@ -49,7 +49,7 @@ HOOKS: dict[str, Callable[[int], None]] = {
         outbox, "mark_published", nth, lambda conn, ids, now: bool(list(ids))
     ),
     "after-250": lambda nth: _die_on_call(
-        delivery, "record", nth, lambda conn, row, result: result.outcome == "sent"
+        delivery, "record", nth, lambda conn, row, result, **_: result.outcome == "sent"
     ),
 }
 
