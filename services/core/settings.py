@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     api_port: int = Field(8080, ge=1, le=65535)
     api_workers: int = Field(1, ge=1, le=64)
     api_threads: int = Field(4, ge=1, le=64)
+    api_access_log: bool = False
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     max_request_bytes: int = Field(1_048_576, ge=1024)
 

@@ -779,6 +779,36 @@ def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert API_KEY not in output
 
 
+@pytest.mark.parametrize("access_log", [None, "true"])
+def test_access_log_only_when_asked_and_each_create_logged(
+    database_url: str, tmp_path: Path, access_log: str | None
+) -> None:
+    """Every scheduled email has its own line; uvicorn's line per request comes only
+    with API_ACCESS_LOG=true."""
+    extra = {"API_ACCESS_LOG": access_log} if access_log else {}
+    process, port = start_api_process(
+        tmp_path, database_url, MAIL_FROM="sender@example.com", **extra
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not _answers(url):
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the API did not come up"
+            time.sleep(0.1)
+        reply = httpx.post(f"{url}/v1/emails", json=email(), headers=AUTH, timeout=30)
+        assert reply.status_code == 201
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=40)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert f"email scheduled id={reply.json()['id']}" in output
+    access_line = '"POST /v1/emails HTTP/1.1" 201'
+    assert (access_line in output) == (access_log == "true"), output
+
+
 def _servers(pid: int) -> set[int]:
     """PIDs of the server processes uvicorn's supervisor ``pid`` spawned (from /proc;
     multiprocessing's resource tracker, also a child, is left out)."""
