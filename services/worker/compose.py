@@ -125,6 +125,7 @@ _LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
 _ENCODED_WORD = "=?"
+_PRINTABLE = re.compile(r"[\t -~]*")  # (Header drops other controls Python calls spaces)
 
 
 def _render(m: _Message) -> bytes:
@@ -169,6 +170,8 @@ def _text_header(name: str, value: str) -> str:
     """ASCII stays as it is (folded at spaces); anything else, or a word too long to fold,
     or text that would read as an encoded word, becomes UTF-8 encoded words."""
     plain = value.isascii() and _ENCODED_WORD not in value
+    if plain and len(name) + 2 + len(value) <= _LINE and _PRINTABLE.fullmatch(value):
+        return f"{name}: {value}"  # fits one line: what Header would give, without it
     if plain and all(len(word) < _LINE - len(name) - 2 for word in value.split(" ")):
         folded = Header(value, "us-ascii", header_name=name).encode(linesep="\r\n")
     else:

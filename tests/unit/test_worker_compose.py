@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email import message_from_bytes, message_from_string, policy
+from email.errors import HeaderParseError
+from email.header import Header
 from email.utils import formataddr
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from services.api.schemas import normalize_address
 from services.core.errors import PermanentDelivery
 from services.core.settings import Settings
-from services.worker.compose import build_message
+from services.worker.compose import _text_header, build_message
 
 SETTINGS = Settings(_env_file=None, mail_from="fallback@example.com")  # type: ignore[call-arg]
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -170,6 +172,25 @@ def test_any_subject_and_header_value_survive_the_wire(subject: str, campaign: s
     # Folding whitespace is not content (RFC 5322 2.2.3): compare with runs of it as one.
     assert " ".join(message["Subject"].split()) == " ".join(subject.split())
     assert " ".join(message["X-Campaign"].split()) == " ".join(campaign.split())
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    name=st.sampled_from(["Subject", "X-Email-Id", "Message-ID", "X-Campaign"]),
+    value=st.text(st.characters(min_codepoint=0x00, max_codepoint=0x7E), max_size=70),
+)
+def test_a_short_ascii_header_is_written_as_the_email_package_would(name: str, value: str) -> None:
+    """The one-line shortcut gives what ``Header.encode`` gives for the same text (or
+    refuses what it refuses)."""
+    assume(len(name) + 2 + len(value) <= 78)
+    charset = "utf-8" if "=?" in value else "us-ascii"
+    try:
+        expected = Header(value, charset, header_name=name).encode(linesep="\r\n")
+    except HeaderParseError:
+        with pytest.raises(HeaderParseError):
+            _text_header(name, value)
+    else:
+        assert _text_header(name, value) == f"{name}: {expected}"
 
 
 @settings(max_examples=300, deadline=None)
