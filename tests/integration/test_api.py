@@ -10,8 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -725,11 +726,10 @@ def test_process_refuses_to_start_without_api_keys(tmp_path: Path) -> None:
     assert "API_KEYS is empty" in result.stderr
 
 
-def start_api_process(
-    tmp_path: Path, database_url: str, **extra_env: str
-) -> tuple[subprocess.Popen[str], int]:
-    """``python -m services.api`` on a free loopback port in its own session (so that a
-    failing test can end every process it started), output piped: (process, port)."""
+@contextlib.contextmanager
+def api_process(tmp_path: Path, database_url: str, **extra_env: str) -> Iterator[ApiProcess]:
+    """``python -m services.api`` on a free loopback port in its own session, output
+    piped; whatever of it still runs when the block ends is killed, children and all."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -752,29 +752,45 @@ def start_api_process(
         text=True,
         start_new_session=True,
     )
-    return process, port
+    try:
+        yield ApiProcess(process, f"http://127.0.0.1:{port}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+@dataclass
+class ApiProcess:
+    process: subprocess.Popen[str]
+    url: str
+
+    def wait_until(self, ready: Callable[[], bool], what: str = "the API") -> None:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert self.process.poll() is None, self.process.communicate()[0]
+            assert time.monotonic() < deadline, f"{what} did not come up"
+            time.sleep(0.1)
+
+    def answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> str:
+        """SIGTERM; the output of the whole run once the process has ended."""
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=60)
+        return output
 
 
 def test_process_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    process, port = start_api_process(tmp_path, "mysql+pymysql://root@127.0.0.1:1/none")
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the API did not come up"
-                time.sleep(0.1)
-        assert reply.status_code == 200
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 503
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=40)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, output
+    with api_process(tmp_path, "mysql+pymysql://root@127.0.0.1:1/none") as api:
+        api.wait_until(api.answers)
+        assert httpx.get(f"{api.url}/readyz", timeout=10).status_code == 503
+        output = api.stop()
+    assert api.process.returncode == 0, output
     assert "Shutting down" in output
     assert API_KEY not in output
 
@@ -786,24 +802,11 @@ def test_access_log_only_when_asked_and_each_create_logged(
     """Every scheduled email has its own line; uvicorn's line per request comes only
     with API_ACCESS_LOG=true."""
     extra = {"API_ACCESS_LOG": access_log} if access_log else {}
-    process, port = start_api_process(
-        tmp_path, database_url, MAIL_FROM="sender@example.com", **extra
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while not _answers(url):
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "the API did not come up"
-            time.sleep(0.1)
-        reply = httpx.post(f"{url}/v1/emails", json=email(), headers=AUTH, timeout=30)
+    with api_process(tmp_path, database_url, MAIL_FROM="sender@example.com", **extra) as api:
+        api.wait_until(api.answers)
+        reply = httpx.post(f"{api.url}/v1/emails", json=email(), headers=AUTH, timeout=30)
         assert reply.status_code == 201
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=40)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        output = api.stop()
     assert f"email scheduled id={reply.json()['id']}" in output
     access_line = '"POST /v1/emails HTTP/1.1" 201'
     assert (access_line in output) == (access_log == "true"), output
@@ -827,24 +830,20 @@ def test_api_workers_serve_from_several_processes_and_stop_cleanly(
 ) -> None:
     """API_WORKERS=2: two server processes share the port and answer creates; SIGTERM
     lets both finish and stop, and the API exits 0."""
-    process, port = start_api_process(
+    with api_process(
         tmp_path, database_url, API_WORKERS="2", MAIL_FROM="sender@example.com"
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while len(_servers(process.pid)) < 2 or not _answers(url):
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "the API processes did not come up"
-            time.sleep(0.1)
-        servers = _servers(process.pid)
+    ) as api:
+        api.wait_until(
+            lambda: len(_servers(api.process.pid)) == 2 and api.answers(), "the API processes"
+        )
+        servers = _servers(api.process.pid)
         # Concurrent creates, each on a new connection, for whichever process accepts it.
         with ThreadPoolExecutor(8) as pool:
             codes = list(
                 pool.map(
                     lambda _: (
                         httpx.post(
-                            f"{url}/v1/emails", json=email(), headers=AUTH, timeout=30
+                            f"{api.url}/v1/emails", json=email(), headers=AUTH, timeout=30
                         ).status_code
                     ),
                     range(64),
@@ -852,22 +851,10 @@ def test_api_workers_serve_from_several_processes_and_stop_cleanly(
             )
         assert codes == [201] * 64
         assert count(db, emails) == 64
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 0, output
+        output = api.stop()
+    assert api.process.returncode == 0, output
     assert len(servers) == 2, output
     assert output.count("Application startup complete") == 2, output
     assert output.count("Application shutdown complete") == 2, output
     assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
     assert API_KEY not in output
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
