@@ -75,7 +75,8 @@ class Outcome:
 # A batch's claim, built once like the record's statements below (built per batch, the
 # claim cost a worker more Python time than its round trips). ``b_pairs`` holds one
 # (id, version) per email, the version its message names; ``id IN`` keeps the UPDATE on
-# the primary key on MySQL 8 and MariaDB alike.
+# the primary key (MariaDB walks the whole key for the row constructor alone when it
+# holds one pair: tests/integration/test_lifecycle.py checks the plans).
 _CLAIM = (
     emails.update()
     .where(

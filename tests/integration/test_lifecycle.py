@@ -317,6 +317,46 @@ def test_a_record_drops_the_recovery_rows_it_is_given_and_a_leftover_one_is_harm
     assert email_row(db, third_id).status == "sent"
 
 
+@pytest.mark.parametrize("size", [1, 10])
+def test_a_claim_and_its_records_find_their_rows_by_index(db: Engine, size: int) -> None:
+    """Every statement of a batch's claim and records reads its rows through an index,
+    for a batch of one too: MariaDB does not range-scan a lone row constructor, so a
+    single ``(id, version) IN`` pair alone would scan - and lock its way through - the
+    whole table."""
+    create(db, 200)  # rows that a scan would walk
+    now = datetime.now(UTC)
+    ids = create(db, size)
+    plans: list[tuple[str, str | None]] = []
+    with db.connect() as conn:
+
+        @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
+        def explain(_c, cursor, statement, parameters, _ctx, many):  # type: ignore[no-untyped-def]
+            if many or not statement.lstrip().upper().startswith(("UPDATE", "DELETE", "SELECT")):
+                return statement, parameters
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.extend((statement.split()[0], row[3]) for row in cursor.fetchall())
+            return statement, parameters
+
+        with conn.begin():
+            claims = claim_batch(
+                conn,
+                [DeliveryMessage(email_id, 1) for email_id in ids],
+                now=now,
+                lease=LEASE,
+                max_attempts=5,
+            )
+            rows = [c.row for c in claims if c.row is not None]
+            for row in rows:
+                last = row is rows[-1]
+                discard = [(r.id, r.version) for r in rows] if last else ()
+                assert record(conn, row, Outcome("sent", now, now, smtp_code=250), discard=discard)
+    assert len(rows) == size
+    # "ALL": a table scan, "index": a scan of a whole index.
+    scans = [(statement, access) for statement, access in plans if access in ("ALL", "index")]
+    assert len(plans) >= 4, plans  # claim UPDATE + SELECT, a record's UPDATE + DELETE
+    assert not scans, plans
+
+
 def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -> None:
     sent_id, retry_id, failed_id = create(db, 3)
     now = datetime.now(UTC)
