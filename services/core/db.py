@@ -8,17 +8,19 @@ normal events under ``SKIP LOCKED`` claiming: ``transaction`` retries them outsi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import PoolResetState
 
 from services.core.schema import UTCDateTime
@@ -91,11 +93,45 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 5) -> T:
+class KeptConnection:
+    """One connection kept for a run of short units of work - a worker's records, one
+    per email sent - instead of a checkout from the pool and a return for each (a fifth
+    of a record's client time). ``release`` gives it back to the pool. An error drops it,
+    so the next unit of work starts on a fresh connection. Not for concurrent use: one
+    thread at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Connection]:
+        """As ``unit_of_work(engine)``, on the kept connection."""
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(SQLAlchemyError):  # a dead one: the pool drops it
+                conn.close()
+
+
+def transaction(
+    on: Engine | KeptConnection, work: Callable[[Connection], T], *, attempts: int = 5
+) -> T:
     """Run ``work`` in a unit of work, retrying deadlocks and lock-wait timeouts."""
+    begin = on.unit_of_work if isinstance(on, KeptConnection) else partial(unit_of_work, on)
     for attempt in range(1, attempts + 1):
         try:
-            with unit_of_work(engine) as conn:
+            with begin() as conn:
                 return work(conn)
         except DBAPIError as exc:
             if error_code(exc) not in RETRYABLE_CODES or attempt == attempts:

@@ -56,7 +56,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core import delivery
-from services.core.db import db_now, is_unavailable, transaction
+from services.core.db import KeptConnection, db_now, is_unavailable, transaction
 from services.core.delivery import Claim, ClaimStatus, Outcome
 from services.core.errors import DeliveryError, PermanentDelivery, PoisonMessage
 from services.core.fastpath import FastPath
@@ -147,11 +147,14 @@ class Worker:
         self._send_margin = min(settings.lease_seconds / 2, 2 * settings.smtp_timeout)
         self._smtp_down = False
         self._learned: dict[str, int] = {}  # versions recorded in this batch, for Redis
-        # Commits each send's record while the next email's transaction is begun.
+        # Commits each send's record while the next email's transaction is begun, on a
+        # connection kept for the batch (the retries on this thread come after its try).
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
+        self._records = KeptConnection(engine)
 
     def close(self) -> None:
         self._recorder.shutdown()
+        self._records.release()
 
     @property
     def smtp_down(self) -> bool:
@@ -278,6 +281,7 @@ class Worker:
                 previous.future.exception()
             if self._sender.begun:
                 self._sender.abort()
+            self._records.release()
         return decisions
 
     def _settle(
@@ -355,7 +359,7 @@ class Worker:
                 recorded = True
             return recorded, outcome
 
-        return transaction(self._engine, work)
+        return transaction(self._records, work)
 
     def _record(
         self,

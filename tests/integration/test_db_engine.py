@@ -15,7 +15,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from services.core.db import create_db_engine, unit_of_work
+from services.core.db import (
+    KeptConnection,
+    create_db_engine,
+    is_unavailable,
+    transaction,
+    unit_of_work,
+)
 from services.core.schema import attempts
 
 
@@ -130,3 +136,59 @@ def test_a_connection_an_error_left_in_doubt_is_rolled_back_on_return(
     assert after - before == 2
     assert _open_transactions(db, conn_id) == 0
     assert _rows(db) == 0
+
+
+# --- KeptConnection: one connection for a run of units of work ---------------------------
+
+
+def test_a_kept_connection_serves_each_unit_of_work_until_released(
+    one_connection: Engine, db: Engine
+) -> None:
+    kept = KeptConnection(one_connection)
+    ids = set()
+    for n in range(3):
+        with kept.unit_of_work() as conn:
+            ids.add(_session(conn)[0])
+            conn.execute(attempts.insert().values(**_attempt(f"kept-{n}")))
+            assert one_connection.pool.checkedout() == 1  # type: ignore[attr-defined]
+        assert one_connection.pool.checkedout() == 1  # type: ignore[attr-defined]
+    (conn_id,) = ids
+    assert _rows(db) == 3  # each unit committed as it ended
+    assert _open_transactions(db, conn_id) == 0
+    kept.release()
+    assert one_connection.pool.checkedout() == 0  # type: ignore[attr-defined]
+    kept.release()  # twice is harmless
+
+
+def test_a_kept_connection_is_dropped_after_an_error_and_replaced(
+    one_connection: Engine, db: Engine
+) -> None:
+    """A unit of work that fails rolls back and gives its connection up; the next one
+    runs on a fresh connection - also when the server killed the old one meanwhile."""
+    kept = KeptConnection(one_connection)
+    seen: list[int] = []
+
+    def insert_twice(conn: Connection) -> None:
+        seen.append(_session(conn)[0])
+        conn.execute(attempts.insert().values(**_attempt("twice")))
+        conn.execute(attempts.insert().values(**_attempt("twice")))
+
+    with pytest.raises(sa.exc.IntegrityError):
+        transaction(kept, insert_twice)
+    (conn_id,) = seen
+    assert one_connection.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _rows(db) == 0
+    assert _open_transactions(db, conn_id) == 0
+
+    with kept.unit_of_work() as conn:
+        conn_id, _ = _session(conn)
+    with db.connect() as admin:
+        admin.execute(sa.text(f"KILL CONNECTION {conn_id}"))
+    with pytest.raises(sa.exc.OperationalError) as failed:
+        transaction(kept, lambda conn: conn.execute(attempts.insert().values(**_attempt("x"))))
+    assert is_unavailable(failed.value)
+    assert transaction(kept, lambda conn: _session(conn)[0]) != conn_id
+    with kept.unit_of_work() as conn:
+        conn.execute(attempts.insert().values(**_attempt("after")))
+    kept.release()
+    assert _rows(db) == 1

@@ -492,21 +492,31 @@ def test_no_send_is_finished_before_the_previous_one_is_recorded(
 def test_a_batch_drops_its_recovery_rows_in_one_statement_keeping_retries(
     db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
 ) -> None:
+    """...and records its emails on one connection, given back to the pool at the end."""
     ids = [create_email(db, to=[f"n{i}@example.com"]) for i in range(5)]
     smtp_sink.script("n2@example.com", "451 4.3.0 later")
     batch = [relay(db, email_id).encode() for email_id in ids]
     deletes: list[str] = []
+    checkouts: list[object] = []
+
+    def checkout(*args: Any) -> None:
+        checkouts.append(args)
 
     def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.startswith("DELETE FROM outbox"):
             deletes.append(statement)
 
+    worker = make_worker(use_redis=False)
     sa.event.listen(db, "before_cursor_execute", count)
+    sa.event.listen(db.pool, "checkout", checkout)
     try:
-        assert make_worker(use_redis=False).handle_batch(batch) == [Decision.ACK] * 5
+        assert worker.handle_batch(batch) == [Decision.ACK] * 5
     finally:
         sa.event.remove(db, "before_cursor_execute", count)
+        sa.event.remove(db.pool, "checkout", checkout)
     assert len(deletes) == 1, deletes
+    assert len(checkouts) == 2, checkouts  # the claim's, and the one all five records ran on
+    assert db.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert [email_row(db, email_id).status for email_id in ids] == ["sent"] * 2 + ["pending"] + [
         "sent"
     ] * 2
