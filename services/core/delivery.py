@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Row
 
 from services.core import outbox
 from services.core.messages import DeliveryMessage
-from services.core.schema import UTCDateTime, attempts, emails
+from services.core.schema import UTCDateTime, attempts, db_time, emails
 
 CLAIMABLE = ("pending", "queued")
 
@@ -239,28 +239,21 @@ def _recovery(email_id: str, version: int, lease_until: datetime) -> outbox.Entr
     return outbox.Entry(email_id, version, lease_until + LEAD)
 
 
-# The worker records every email in a transaction of its own, so the statements of that
-# transaction are built once: SQLAlchemy then reuses their cache keys and compiled forms
-# (building and keying them per email cost more than the round trips themselves).
+# The worker records every email in a transaction of its own, so these two statements run
+# once per email sent. They go to the driver as SQL text: SQLAlchemy's Core path for them
+# (statement cache, bind processors, the insert's primary-key bookkeeping) cost a worker
+# more than the round trips themselves - a record's client time 175 -> 120 us.
 _RECORD = (
-    emails.update()
-    .where(
-        emails.c.id == sa.bindparam("b_id"),
-        emails.c.version == sa.bindparam("b_version"),
-        emails.c.status == "sending",
-    )
-    .values(
-        status=sa.bindparam("b_status", type_=sa.String()),
-        version=sa.bindparam("b_new_version", type_=sa.Integer()),
-        due_at=sa.bindparam("b_due_at", type_=UTCDateTime()),
-        attempts=sa.bindparam("b_attempts", type_=sa.Integer()),
-        lease_until=None,
-        sent_at=sa.bindparam("b_sent_at", type_=UTCDateTime()),
-        last_error=sa.bindparam("b_last_error", type_=sa.String()),
-        updated_at=sa.bindparam("b_updated_at", type_=UTCDateTime()),
-    )
+    "UPDATE emails SET status = %(status)s, version = %(new_version)s, due_at = %(due_at)s,"
+    " attempts = %(attempts)s, lease_until = NULL, sent_at = %(sent_at)s,"
+    " last_error = %(last_error)s, updated_at = %(updated_at)s"
+    " WHERE id = %(id)s AND version = %(version)s AND status = 'sending'"
 )
-_INSERT_ATTEMPT = attempts.insert()
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome, smtp_code, error)"
+    " VALUES (%(email_id)s, %(number)s, %(started_at)s, %(finished_at)s, %(outcome)s,"
+    " %(smtp_code)s, %(error)s)"
+)
 
 
 def record(
@@ -289,18 +282,18 @@ def record(
     sent = result.outcome == "sent"
     retry_at = None if sent else result.retry_at  # set: pending again, due at retry_at
     status = "sent" if sent else ("pending" if retry_at else "failed")
-    owned = conn.execute(
+    owned = conn.exec_driver_sql(
         _RECORD,
         {
-            "b_id": row.id,
-            "b_version": row.version,
-            "b_status": status,
-            "b_new_version": row.version + 1 if retry_at else row.version,
-            "b_due_at": retry_at or row.due_at,
-            "b_attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
-            "b_sent_at": result.finished_at if sent else row.sent_at,
-            "b_last_error": None if sent else _describe(result),
-            "b_updated_at": result.finished_at,
+            "id": row.id,
+            "version": row.version,
+            "status": status,
+            "new_version": row.version + 1 if retry_at else row.version,
+            "due_at": db_time(retry_at or row.due_at),
+            "attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
+            "sent_at": db_time(result.finished_at if sent else row.sent_at),
+            "last_error": None if sent else _describe(result),
+            "updated_at": db_time(result.finished_at),
         },
     ).rowcount
     outbox.discard_versions(conn, [(row.id, row.version)] if discard is None else discard)
@@ -346,13 +339,13 @@ def _describe(result: Outcome) -> str:
 
 
 def _insert_attempt(conn: Connection, row: Row[Any], result: Outcome) -> None:
-    conn.execute(
+    conn.exec_driver_sql(
         _INSERT_ATTEMPT,
         {
             "email_id": row.id,
             "number": row.attempts,
-            "started_at": result.started_at,
-            "finished_at": result.finished_at,
+            "started_at": db_time(result.started_at),
+            "finished_at": db_time(result.finished_at),
             "outcome": result.outcome,
             "smtp_code": result.smtp_code,
             "error": None if result.error is None else result.error[:2000],

@@ -22,6 +22,17 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
 
+def db_time(value: datetime | None) -> str | None:
+    """A time as bound to ``DATETIME(6)``: the text PyMySQL would send for the naive UTC
+    datetime, written by ``datetime.isoformat`` (C) rather than PyMySQL's Python
+    formatting. Refuses a naive datetime: its zone would be a guess."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: store UTC with an explicit zone")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
+
+
 class UTCDateTime(sa.TypeDecorator[datetime]):
     """``DATETIME(6)`` holding UTC: refuses naive input, returns aware datetimes."""
 
@@ -29,13 +40,7 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> str | None:
-        """As the text PyMySQL would send for the naive UTC datetime, written by
-        ``datetime.isoformat`` (C) rather than PyMySQL's Python formatting."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: store UTC with an explicit zone")
-        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
+        return db_time(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
