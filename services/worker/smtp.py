@@ -12,7 +12,9 @@ A transaction can also be split where the server has not yet accepted anything:
 the dot and reads the verdict, ``abort`` closes the connection, which makes the server
 throw the unfinished message away. The worker records the previous send while the next
 one is begun, and finishes it only after that record is committed. The socket has
-``TCP_NODELAY``: the lone dot must not wait for the ACK of the body before it.
+``TCP_NODELAY``: the lone dot must not wait for the ACK of the body before it. To a server
+that offers PIPELINING (RFC 2920), MAIL, the RCPTs and DATA go in one write: a message is
+two round trips (``begin``, ``finish``), not four.
 
 TLS always goes through ``ssl.create_default_context``: smtplib's own default for
 ``starttls()`` and ``SMTP_SSL`` verifies nothing. AUTH is only ever sent inside TLS;
@@ -111,11 +113,7 @@ class SmtpSender:
                             "an address needs SMTPUTF8, which the server does not offer"
                         )
                     options = ["SMTPUTF8", "BODY=8BITMIME"]
-                refused = _envelope(conn, envelope_from, recipients, len(data), options)
-                code, reply = conn.docmd("data")
-                if code != 354:
-                    _end_refused(conn, code)
-                    raise smtplib.SMTPDataError(code, reply)
+                refused = _open_data(conn, envelope_from, recipients, len(data), options)
                 body = _LINE_START_DOT.sub(b"..", data)
                 conn.send(body if body.endswith(b"\r\n") else body + b"\r\n")
                 self._refused = {rcpt: _text(reply) for rcpt, reply in refused.items()}
@@ -274,16 +272,20 @@ class SmtpSender:
             self._conn = None
 
 
-def _envelope(
+def _open_data(
     conn: smtplib.SMTP,
     envelope_from: str,
     recipients: Sequence[str],
     size: int,
     options: list[str],
 ) -> dict[str, tuple[int, bytes]]:
-    """MAIL and RCPT as ``smtplib.SMTP.sendmail`` sends them; the refused recipients."""
+    """MAIL, a RCPT per recipient and DATA, as ``smtplib.SMTP.sendmail`` sends them; once
+    the server waits for the message (354), the recipients it refused. A server that
+    offers PIPELINING gets the three in one write (``_pipelined``)."""
     if conn.does_esmtp and conn.has_extn("size"):
         options = [f"size={size}", *options]
+    if conn.does_esmtp and conn.has_extn("pipelining"):
+        return _pipelined(conn, envelope_from, recipients, options)
     code, reply = conn.mail(envelope_from, options)
     if code != 250:
         _end_refused(conn, code)
@@ -299,7 +301,56 @@ def _envelope(
     if len(refused) == len(recipients):
         _end_refused(conn, 0)
         raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = conn.docmd("data")
+    if code != 354:
+        _end_refused(conn, code)
+        raise smtplib.SMTPDataError(code, reply)
     return refused
+
+
+def _pipelined(
+    conn: smtplib.SMTP, envelope_from: str, recipients: Sequence[str], options: list[str]
+) -> dict[str, tuple[int, bytes]]:
+    """RFC 2920: MAIL, the RCPTs and DATA in one write, then their replies in order - one
+    round trip instead of two plus one per recipient. Refusals end as ``_open_data``'s
+    do, after every reply is read (so the next transaction's replies stay in step), and
+    a DATA the server took although nothing else was accepted is ended with the lone "."
+    RFC 2920 asks for, which such a server refuses."""
+    if any(option.lower() == "smtputf8" for option in options):
+        conn.command_encoding = "utf-8"  # as smtplib.SMTP.mail does
+    extra = "".join(f" {option}" for option in options)
+    commands = [
+        f"MAIL FROM:{smtplib.quoteaddr(envelope_from)}{extra}",
+        *(f"RCPT TO:{smtplib.quoteaddr(rcpt)}" for rcpt in recipients),
+        "DATA",
+    ]
+    if any("\r" in command or "\n" in command for command in commands):
+        raise ValueError("a line break inside an SMTP command")  # as smtplib.SMTP.putcmd
+    conn.send("".join(f"{command}\r\n" for command in commands))
+    mail = conn.getreply()
+    if mail[0] == 421:  # the server hangs up: no more replies come
+        conn.close()
+        raise smtplib.SMTPSenderRefused(*mail, envelope_from)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for rcpt in recipients:
+        code, reply = conn.getreply()
+        if code not in (250, 251):
+            refused[rcpt] = (code, reply)
+        if code == 421:
+            conn.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    data = conn.getreply()
+    if mail[0] == 250 and len(refused) < len(recipients) and data[0] == 354:
+        return refused
+    if data[0] == 354:  # taken, although nothing else was: end it, empty
+        conn.send(".\r\n")
+        data = conn.getreply()
+    _end_refused(conn, data[0])
+    if mail[0] != 250:
+        raise smtplib.SMTPSenderRefused(*mail, envelope_from)
+    if len(refused) == len(recipients):
+        raise smtplib.SMTPRecipientsRefused(refused)
+    raise smtplib.SMTPDataError(*data)
 
 
 def _end_refused(conn: smtplib.SMTP, code: int) -> None:

@@ -1,5 +1,6 @@
 """SmtpSender against real SMTP servers on loopback: reuse, reply mapping, timeouts,
-verified TLS, and no AUTH in cleartext."""
+verified TLS, no AUTH in cleartext, and PIPELINING where the server offers it (the tests
+of a transaction's replies run against a server with and without it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -14,7 +16,7 @@ import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -27,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from services.core.errors import PermanentDelivery, TransientDelivery
 from services.core.settings import Settings
 from services.worker.smtp import SmtpSender
+from tests.support.proxy import FaultProxy
 from tests.support.smtp_sink import ScriptedHandler, SmtpSink, free_port
 
 # tests/support/smtp_sink.py passes aiosmtpd's deprecated ``server_kwargs``
@@ -97,6 +100,19 @@ def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*certificate)
     return context
+
+
+@pytest.fixture(params=[False, True], ids=["stepwise", "pipelining"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Whether the server offers PIPELINING: the sender then sends MAIL, RCPT and DATA in
+    one write, and every reply path must come out the same."""
+    return bool(request.param)
+
+
+@pytest.fixture
+def smtp_sink(pipelining: bool) -> Iterator[SmtpSink]:
+    with SmtpSink(pipelining=pipelining) as sink:
+        yield sink
 
 
 class Logins:
@@ -200,20 +216,43 @@ def test_idle_connection_is_probed_and_replaced(smtp_sink: SmtpSink) -> None:
 
 
 class RefusingHandler(ScriptedHandler):
+    """Refuses the sender ``blocked@...`` and the recipients ``nobody@...`` (550), and
+    answers 421 - closing - to the recipient ``closing@...``."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address.startswith("blocked"):
+            return "550 5.7.1 sender rejected"
+        return await super().handle_MAIL(server, session, envelope, address, options)
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
         if address.startswith("nobody"):
             return "550 5.1.1 unknown recipient"
+        if address.startswith("closing"):
+            assert server.transport is not None
+            server.transport.close()
+            return "421 4.3.2 closing"  # never reaches the client: the transport is gone
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
 
-def test_some_recipients_refused_is_sent_and_reported() -> None:
-    handler = RefusingHandler()
+@pytest.fixture
+def refusing(pipelining: bool) -> Iterator[tuple[RefusingHandler, int]]:
+    handler = RefusingHandler(pipelining=pipelining)
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
-    sender = SmtpSender(sender_settings(controller.port))
+    yield handler, controller.port
+    controller.stop()
+
+
+def test_some_recipients_refused_is_sent_and_reported(
+    refusing: tuple[RefusingHandler, int],
+) -> None:
+    handler, port = refusing
+    sender = SmtpSender(sender_settings(port))
     try:
         result = sender.send(
             message(), "sender@example.com", ["ann@example.com", "nobody@example.com"]
@@ -224,10 +263,69 @@ def test_some_recipients_refused_is_sent_and_reported() -> None:
         with pytest.raises(PermanentDelivery) as failure:
             sender.send(message(), "sender@example.com", ["nobody@example.com"])
         assert failure.value.smtp_code == 550
+        connection = sender._conn
+        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
+        assert sender._conn is connection  # reset, not dropped: replies still in step
     finally:
         sender.close()
-        controller.stop()
+    assert [r.rcpt_tos for r in handler.received] == [("ann@example.com",)] * 2
+
+
+def test_a_refused_sender_is_permanent_and_the_session_goes_on(
+    refusing: tuple[RefusingHandler, int],
+) -> None:
+    handler, port = refusing
+    sender = SmtpSender(sender_settings(port))
+    try:
+        with pytest.raises(PermanentDelivery, match="sender rejected") as failure:
+            sender.send(message(), "blocked@example.com", ["ann@example.com"])
+        assert failure.value.smtp_code == 550
+        connection = sender._conn
+        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
+        assert sender._conn is connection
+    finally:
+        sender.close()
+    assert [r.mail_from for r in handler.received] == ["sender@example.com"]
+
+
+def test_a_server_closing_at_a_recipient_is_transient_then_reconnected(
+    refusing: tuple[RefusingHandler, int],
+) -> None:
+    handler, port = refusing
+    sender = SmtpSender(sender_settings(port))
+    try:
+        with pytest.raises(TransientDelivery):
+            sender.send(message(), "sender@example.com", ["ann@example.com", "closing@x.org"])
+        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
+    finally:
+        sender.close()
     assert [r.rcpt_tos for r in handler.received] == [("ann@example.com",)]
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_the_envelope_goes_in_one_write_to_a_server_that_offers_pipelining(
+    offered: bool,
+) -> None:
+    """MAIL, both RCPTs and DATA arrive in one read (the client sent them before any
+    reply) - and never so to a server that does not offer PIPELINING."""
+    recipients = ["ann@example.com", "bob@example.com"]
+    with SmtpSink(pipelining=offered) as sink, FaultProxy(sink.port) as proxy:
+        proxy.client_chunks = chunks = []
+        sender = SmtpSender(sender_settings(proxy.port))
+        try:
+            for _ in range(2):
+                assert sender.send(message(), "sender@example.com", recipients).code == 250
+        finally:
+            sender.close()
+        assert [r.rcpt_tos for r in sink.received] == [tuple(recipients)] * 2
+    one_write = re.compile(
+        rb"MAIL FROM:<sender@example\.com> size=\d+\r\n"
+        rb"RCPT TO:<ann@example\.com>\r\nRCPT TO:<bob@example\.com>\r\nDATA\r\n"
+    )
+    envelopes = [chunk for chunk in chunks if one_write.fullmatch(chunk)]
+    assert len(envelopes) == (2 if offered else 0), chunks
+    if not offered:
+        assert not [c for c in chunks if b"MAIL FROM" in c and b"RCPT TO" in c], chunks
 
 
 def test_server_down_is_transient_without_fd_leak() -> None:
@@ -423,8 +521,10 @@ def test_server_hanging_up_at_data_is_transient() -> None:
 
 
 @pytest.mark.parametrize("offered", [True, False])
-def test_an_smtputf8_message_goes_only_to_a_server_that_offers_it(offered: bool) -> None:
-    handler = ScriptedHandler()
+def test_an_smtputf8_message_goes_only_to_a_server_that_offers_it(
+    offered: bool, pipelining: bool
+) -> None:
+    handler = ScriptedHandler(pipelining=pipelining)
     controller = Controller(
         handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=offered
     )
@@ -444,3 +544,60 @@ def test_an_smtputf8_message_goes_only_to_a_server_that_offers_it(offered: bool)
         sender.close()
         controller.stop()
     assert [r.rcpt_tos for r in handler.received] == ([("jörg@example.com",)] if offered else [])
+
+
+class LenientServer:
+    """Offers PIPELINING, refuses every recipient (550) and yet answers DATA with 354 - as
+    RFC 2920 allows - then refuses the lone "." a client must send (554). Records every
+    byte; answers line by line, however the lines arrive."""
+
+    REPLIES: ClassVar[dict[bytes, bytes]] = {
+        b"EHLO": b"250-lenient\r\n250 PIPELINING\r\n",
+        b"MAIL": b"250 OK\r\n",
+        b"RCPT": b"550 5.1.1 unknown\r\n",
+        b"DATA": b"354 go ahead\r\n",
+        b".": b"554 5.5.1 no valid recipients\r\n",
+        b"RSET": b"250 OK\r\n",
+        b"QUIT": b"221 bye\r\n",
+    }
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.sendall(b"220 lenient ESMTP\r\n")
+            pending = b""
+            while data := conn.recv(4096):
+                self.received += data
+                pending += data
+                while b"\r\n" in pending:
+                    line, pending = pending.split(b"\r\n", 1)
+                    conn.sendall(self.REPLIES[line.split(b" ")[0].split(b":")[0].upper()])
+                    if line.upper() == b"QUIT":
+                        return
+
+    def close(self) -> None:
+        self._thread.join(5)
+        self.listener.close()
+
+
+def test_a_data_taken_with_every_recipient_refused_is_ended_with_a_lone_dot() -> None:
+    server = LenientServer()
+    sender = SmtpSender(sender_settings(server.port))
+    try:
+        with pytest.raises(PermanentDelivery, match="unknown") as failure:
+            sender.send(message(), "sender@example.com", ["nobody@example.com"])
+        assert failure.value.smtp_code == 550
+    finally:
+        sender.close()
+        server.close()
+    # the envelope in one write, then the dot alone - never the message - and a reset
+    assert b"RCPT TO:<nobody@example.com>\r\nDATA\r\n.\r\nrset\r\n" in server.received
+    assert b"X-Email-Id" not in server.received

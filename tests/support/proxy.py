@@ -7,6 +7,7 @@ and then breaks on purpose.
     proxy.restore()    # forward again
     proxy.delay = 0.2  # add 200 ms to every chunk, both ways
     proxy.blackhole()  # accept, then never forward a byte (a hung peer / half-open link)
+    proxy.client_chunks = []  # record each read from a client: what went in one write
 
 It runs its own asyncio loop in a daemon thread; every method is thread-safe.
 """
@@ -37,6 +38,7 @@ class FaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
         self.attempts: list[float] = []  # time.monotonic() of every connection accepted
+        self.client_chunks: list[bytes] | None = None  # a list: every read from a client
 
     def start(self) -> FaultProxy:
         self._thread.start()
@@ -106,15 +108,24 @@ class FaultProxy:
             return
         self._writers.add(up_writer)
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer, self.client_chunks),
+            self._pipe(up_reader, writer),
+            return_exceptions=True,
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: list[bytes] | None = None,
+    ) -> None:
         try:
             while chunk := await reader.read(65536):
+                if record is not None:
+                    record.append(chunk)
                 if self._mode == "blackhole":
                     continue  # a link that went silent mid-stream
                 if self.delay:

@@ -1,6 +1,7 @@
 """A real SMTP server (aiosmtpd) on loopback that records what it receives and answers
 from a script, per recipient: ``sink.script("a@example.com", "451 4.3.0 later", "250")``
 makes the first DATA for that recipient fail with 451 and the second succeed.
+``SmtpSink(pipelining=True)`` offers PIPELINING, as Postfix and the large providers do.
 
 Script entries: an SMTP reply line ("250 OK", "451 ...", "550 ..."), ``"close"`` (drop
 the connection after DATA without answering), or ``"slow:<seconds> <reply>"``.
@@ -43,7 +44,8 @@ class Received:
 
 
 class ScriptedHandler:
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = False) -> None:
+        self.pipelining = pipelining  # offer PIPELINING (RFC 2920) in the EHLO reply
         self.received: list[Received] = []
         self.transactions = 0  # DATA commands seen, accepted or not
         self._scripts: dict[str, list[str]] = defaultdict(list)
@@ -60,6 +62,19 @@ class ScriptedHandler:
                 if queue:
                     return queue.pop(0)
         return "250 2.0.0 OK"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # this hook's duty (aiosmtpd)
+        if self.pipelining:  # aiosmtpd reads commands one by one: pipelined ones are fine
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self,
@@ -141,8 +156,10 @@ def free_port() -> int:
 class SmtpSink:
     """Owns the aiosmtpd controller thread; ``with SmtpSink() as sink: ...``."""
 
-    def __init__(self, port: int | None = None, **smtp_kwargs: Any) -> None:
-        self.handler = ScriptedHandler()
+    def __init__(
+        self, port: int | None = None, *, pipelining: bool = False, **smtp_kwargs: Any
+    ) -> None:
+        self.handler = ScriptedHandler(pipelining=pipelining)
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._controller = Controller(
