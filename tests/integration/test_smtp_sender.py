@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -457,11 +457,15 @@ def test_starttls_self_signed_refused_then_auth_inside_tls(
     assert PASSWORD not in caplog.text
 
 
-class RecordingServer:
-    """A minimal SMTP server that offers AUTH in cleartext and records every byte."""
+class LineServer:
+    """A minimal SMTP server on a plain socket: records every byte and answers each line
+    by its command word from ``replies`` ("250 OK" for any other), however the lines
+    arrive; it hangs up at a line starting with ``hangup_on``, and after QUIT."""
 
-    def __init__(self, hangup_on: bytes | None = None) -> None:
-        self.hangup_on = hangup_on
+    def __init__(
+        self, greeting: bytes, replies: dict[bytes, bytes], hangup_on: bytes | None = None
+    ) -> None:
+        self.greeting, self.replies, self.hangup_on = greeting, replies, hangup_on
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.received = b""
@@ -472,22 +476,31 @@ class RecordingServer:
         conn, _ = self.listener.accept()
         with conn:
             conn.settimeout(5)
-            conn.sendall(b"220 plain ESMTP\r\n")
+            conn.sendall(self.greeting)
+            pending = b""
             while data := conn.recv(4096):
                 self.received += data
-                if self.hangup_on and data.upper().startswith(self.hangup_on):
-                    return
-                if data.upper().startswith(b"EHLO"):
-                    conn.sendall(b"250-plain\r\n250 AUTH PLAIN LOGIN\r\n")
-                elif data.upper().startswith(b"QUIT"):
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 OK\r\n")
+                pending += data
+                while b"\r\n" in pending:
+                    line, pending = pending.split(b"\r\n", 1)
+                    if self.hangup_on and line.upper().startswith(self.hangup_on):
+                        return
+                    word = line.split(b" ")[0].split(b":")[0].upper()
+                    conn.sendall(self.replies.get(word, b"250 OK\r\n"))
+                    if word == b"QUIT":
+                        return
 
     def close(self) -> None:
         self._thread.join(5)
         self.listener.close()
+
+
+class RecordingServer(LineServer):
+    """Offers AUTH in cleartext."""
+
+    def __init__(self, hangup_on: bytes | None = None) -> None:
+        replies = {b"EHLO": b"250-plain\r\n250 AUTH PLAIN LOGIN\r\n", b"QUIT": b"221 bye\r\n"}
+        super().__init__(b"220 plain ESMTP\r\n", replies, hangup_on)
 
 
 def test_never_auth_in_cleartext(caplog: pytest.LogCaptureFixture) -> None:
@@ -546,46 +559,19 @@ def test_an_smtputf8_message_goes_only_to_a_server_that_offers_it(
     assert [r.rcpt_tos for r in handler.received] == ([("jörg@example.com",)] if offered else [])
 
 
-class LenientServer:
+class LenientServer(LineServer):
     """Offers PIPELINING, refuses every recipient (550) and yet answers DATA with 354 - as
-    RFC 2920 allows - then refuses the lone "." a client must send (554). Records every
-    byte; answers line by line, however the lines arrive."""
-
-    REPLIES: ClassVar[dict[bytes, bytes]] = {
-        b"EHLO": b"250-lenient\r\n250 PIPELINING\r\n",
-        b"MAIL": b"250 OK\r\n",
-        b"RCPT": b"550 5.1.1 unknown\r\n",
-        b"DATA": b"354 go ahead\r\n",
-        b".": b"554 5.5.1 no valid recipients\r\n",
-        b"RSET": b"250 OK\r\n",
-        b"QUIT": b"221 bye\r\n",
-    }
+    RFC 2920 allows - then refuses the lone "." a client must send (554)."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.received = b""
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.settimeout(5)
-            conn.sendall(b"220 lenient ESMTP\r\n")
-            pending = b""
-            while data := conn.recv(4096):
-                self.received += data
-                pending += data
-                while b"\r\n" in pending:
-                    line, pending = pending.split(b"\r\n", 1)
-                    conn.sendall(self.REPLIES[line.split(b" ")[0].split(b":")[0].upper()])
-                    if line.upper() == b"QUIT":
-                        return
-
-    def close(self) -> None:
-        self._thread.join(5)
-        self.listener.close()
+        replies = {
+            b"EHLO": b"250-lenient\r\n250 PIPELINING\r\n",
+            b"RCPT": b"550 5.1.1 unknown\r\n",
+            b"DATA": b"354 go ahead\r\n",
+            b".": b"554 5.5.1 no valid recipients\r\n",
+            b"QUIT": b"221 bye\r\n",
+        }
+        super().__init__(b"220 lenient ESMTP\r\n", replies)
 
 
 def test_a_data_taken_with_every_recipient_refused_is_ended_with_a_lone_dot() -> None:
