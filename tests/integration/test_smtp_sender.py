@@ -240,65 +240,56 @@ class RefusingHandler(ScriptedHandler):
 
 
 @pytest.fixture
-def refusing(pipelining: bool) -> Iterator[tuple[RefusingHandler, int]]:
+def refusing(pipelining: bool) -> Iterator[tuple[RefusingHandler, SmtpSender]]:
+    """A ``RefusingHandler`` server, and a sender to it (closed afterwards)."""
     handler = RefusingHandler(pipelining=pipelining)
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
-    yield handler, controller.port
-    controller.stop()
+    sender = SmtpSender(sender_settings(controller.port))
+    try:
+        yield handler, sender
+    finally:
+        sender.close()
+        controller.stop()
 
 
 def test_some_recipients_refused_is_sent_and_reported(
-    refusing: tuple[RefusingHandler, int],
+    refusing: tuple[RefusingHandler, SmtpSender],
 ) -> None:
-    handler, port = refusing
-    sender = SmtpSender(sender_settings(port))
-    try:
-        result = sender.send(
-            message(), "sender@example.com", ["ann@example.com", "nobody@example.com"]
-        )
-        assert result.code == 250
-        assert list(result.refused) == ["nobody@example.com"]
-        assert result.refused["nobody@example.com"].startswith("550")
-        with pytest.raises(PermanentDelivery) as failure:
-            sender.send(message(), "sender@example.com", ["nobody@example.com"])
-        assert failure.value.smtp_code == 550
-        connection = sender._conn
-        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
-        assert sender._conn is connection  # reset, not dropped: replies still in step
-    finally:
-        sender.close()
+    handler, sender = refusing
+    result = sender.send(message(), "sender@example.com", ["ann@example.com", "nobody@example.com"])
+    assert result.code == 250
+    assert list(result.refused) == ["nobody@example.com"]
+    assert result.refused["nobody@example.com"].startswith("550")
+    with pytest.raises(PermanentDelivery) as failure:
+        sender.send(message(), "sender@example.com", ["nobody@example.com"])
+    assert failure.value.smtp_code == 550
+    connection = sender._conn
+    assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
+    assert sender._conn is connection  # reset, not dropped: replies still in step
     assert [r.rcpt_tos for r in handler.received] == [("ann@example.com",)] * 2
 
 
 def test_a_refused_sender_is_permanent_and_the_session_goes_on(
-    refusing: tuple[RefusingHandler, int],
+    refusing: tuple[RefusingHandler, SmtpSender],
 ) -> None:
-    handler, port = refusing
-    sender = SmtpSender(sender_settings(port))
-    try:
-        with pytest.raises(PermanentDelivery, match="sender rejected") as failure:
-            sender.send(message(), "blocked@example.com", ["ann@example.com"])
-        assert failure.value.smtp_code == 550
-        connection = sender._conn
-        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
-        assert sender._conn is connection
-    finally:
-        sender.close()
+    handler, sender = refusing
+    with pytest.raises(PermanentDelivery, match="sender rejected") as failure:
+        sender.send(message(), "blocked@example.com", ["ann@example.com"])
+    assert failure.value.smtp_code == 550
+    connection = sender._conn
+    assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
+    assert sender._conn is connection
     assert [r.mail_from for r in handler.received] == ["sender@example.com"]
 
 
 def test_a_server_closing_at_a_recipient_is_transient_then_reconnected(
-    refusing: tuple[RefusingHandler, int],
+    refusing: tuple[RefusingHandler, SmtpSender],
 ) -> None:
-    handler, port = refusing
-    sender = SmtpSender(sender_settings(port))
-    try:
-        with pytest.raises(TransientDelivery):
-            sender.send(message(), "sender@example.com", ["ann@example.com", "closing@x.org"])
-        assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
-    finally:
-        sender.close()
+    handler, sender = refusing
+    with pytest.raises(TransientDelivery):
+        sender.send(message(), "sender@example.com", ["ann@example.com", "closing@x.org"])
+    assert sender.send(message(), "sender@example.com", ["ann@example.com"]).code == 250
     assert [r.rcpt_tos for r in handler.received] == [("ann@example.com",)]
 
 
