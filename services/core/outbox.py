@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.core.schema import emails, outbox
+from services.core.schema import db_time, emails, outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,21 +38,18 @@ class Entry:
     fire_at: datetime
 
 
+# Driver SQL, like every statement written once per email (see emails.create_rows).
+_ADD = "INSERT INTO outbox (email_id, version, fire_at, available_at) VALUES (%s, %s, %s, %s)"
+
+
 def add(conn: Connection, entries: Sequence[Entry]) -> None:
     if not entries:
         return
-    conn.execute(
-        outbox.insert(),
-        [
-            {
-                "email_id": e.email_id,
-                "version": e.version,
-                "fire_at": e.fire_at,
-                "available_at": e.fire_at,
-            }
-            for e in entries
-        ],
-    )
+    rows = []
+    for e in entries:
+        fire_at = db_time(e.fire_at)
+        rows.append((e.email_id, e.version, fire_at, fire_at))
+    conn.exec_driver_sql(_ADD, rows)
 
 
 class ScanWindow:

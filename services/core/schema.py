@@ -33,6 +33,15 @@ def db_time(value: datetime | None) -> str | None:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
 
 
+def json_text(value: Any) -> str | None:
+    """A value as bound to a ``JSONText`` column: compact JSON."""
+    if value is None:
+        return None
+    if not value and isinstance(value, list | dict):  # most cc, bcc, headers, metadata
+        return "[]" if isinstance(value, list) else "{}"
+    return json.dumps(value, separators=(",", ":"))
+
+
 class UTCDateTime(sa.TypeDecorator[datetime]):
     """``DATETIME(6)`` holding UTC: refuses naive input, returns aware datetimes."""
 
@@ -53,11 +62,7 @@ class JSONText(sa.TypeDecorator[Any]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        if value is None:
-            return None
-        if not value and isinstance(value, list | dict):  # most cc, bcc, headers, metadata
-            return "[]" if isinstance(value, list) else "{}"
-        return json.dumps(value, separators=(",", ":"))
+        return json_text(value)
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
         return None if value is None else json.loads(value)

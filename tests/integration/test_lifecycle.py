@@ -542,9 +542,14 @@ def test_create_rows_return_exactly_what_a_read_back_gives(db: Engine) -> None:
         headers={"X-Campaign": "spring"},
         metadata={"n": 1, "f": 0.5, "ok": True, "none": None, "s": "x"},
     )
+    now = datetime.now(UTC)
+    past = new_email(now - timedelta(minutes=5))  # due now, not at its send_at
     with unit_of_work(db) as conn:
-        written = emails.create_rows(conn, OWNER, [full, new_email()], datetime.now(UTC))
+        written = emails.create_rows(conn, OWNER, [full, new_email(), past], now)
     with db.connect() as conn:
         for row in written:
             stored = conn.execute(sa.select(emails_table).where(emails_table.c.id == row["id"]))
             assert dict(stored.one()._mapping) == row
+    assert [w["due_at"] for w in written] == [full.send_at, now, now]
+    for row in written:  # and each has its outbox row, due when the email is
+        assert [(r.version, r.fire_at) for r in unpublished(db, row["id"])] == [(1, row["due_at"])]
