@@ -9,7 +9,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -334,6 +334,86 @@ def broker_pid() -> int | None:
             except OSError:
                 continue
     return None
+
+
+def mariadb_pid() -> int | None:
+    """The local MySQL/MariaDB server, to read (never signal) its CPU time."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (every thread), or of one of its threads;
+    0 once it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class CpuMeter:
+    """Where the CPU went while a measurement ran: the CPU time of each part - our
+    processes, MariaDB, RabbitMQ, the sink's thread, the rest of the bench process (the
+    load generator) - between ``start`` and ``stop``, or over a ``with`` block. A part on
+    another machine (a ``BENCH_*_URL`` elsewhere) is simply not counted."""
+
+    def __init__(self, env: BenchEnv, ours: Mapping[str, Sequence[int]] | None = None) -> None:
+        self._me = os.getpid()
+        self._parts: dict[str, list[tuple[int, int | None]]] = {
+            name: [(pid, None) for pid in pids] for name, pids in (ours or {}).items()
+        }
+        for name, pid in (("mariadb", mariadb_pid()), ("broker", broker_pid())):
+            if pid is not None:
+                self._parts[name] = [(pid, None)]
+        self._parts["sink"] = [(self._me, env.smtp.native_thread_id)]
+        self._started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        values = {
+            name: sum(cpu_seconds(pid, tid) for pid, tid in where)
+            for name, where in self._parts.items()
+        }
+        values["bench"] = cpu_seconds(self._me) - values["sink"]
+        return values
+
+    def start(self) -> None:
+        self._started = self._read()
+
+    def stop(self) -> None:
+        now = self._read()
+        self.seconds = {name: now[name] - self._started[name] for name in now}
+
+    def __enter__(self) -> CpuMeter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def per_item_us(self, items: float) -> dict[str, float]:
+        """Microseconds of CPU per item, by part."""
+        return {name: s / items * 1e6 for name, s in self.seconds.items()} if items else {}
+
+
+def cpu_summary(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Per part, the median (min/max) over the runs of CPU us per item; ``total`` sums
+    the parts' medians."""
+    parts = {name: summary([run[name] for run in runs if name in run]) for name in runs[0]}
+    out: dict[str, Any] = {"unit": "us/item", **parts}
+    out["total"] = sum(part["median"] for part in parts.values())
+    return out
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

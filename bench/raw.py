@@ -36,6 +36,8 @@ from bench.common import (
     OWNER,
     RABBITMQ_URL,
     BenchEnv,
+    CpuMeter,
+    cpu_summary,
     new_email,
     progress,
     queue_depth,
@@ -62,7 +64,7 @@ def _warm() -> None:
     time.sleep(0.3)
 
 
-def _mysql_client(url: str, per_tx: int, start_at: float, end_at: float) -> int:
+def _mysql_client(url: str, per_tx: int, start_at: float, end_at: float) -> tuple[int, float]:
     engine = create_db_engine(url, pool_size=1)
     items = [new_email(datetime.now(UTC) + timedelta(days=1), i) for i in range(per_tx)]
     with engine.connect() as conn:  # connect before the clock starts
@@ -70,12 +72,14 @@ def _mysql_client(url: str, per_tx: int, start_at: float, end_at: float) -> int:
     done = 0
     while time.monotonic() < start_at:
         time.sleep(0.001)
+    cpu = time.process_time()
     while time.monotonic() < end_at:
         with engine.begin() as conn:
             emails.create(conn, OWNER, items, datetime.now(UTC))
         done += per_tx
+    cpu = time.process_time() - cpu
     engine.dispose()
-    return done
+    return done, cpu
 
 
 _ID_SLOT = "00000000-0000-7000-8000-000000000000"  # same length as a real id
@@ -98,7 +102,7 @@ def smtp_message(index: int, email_id: str | None = None) -> EmailMessage:
     return message
 
 
-def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> int:
+def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> tuple[int, float]:
     """smtplib alone: the messages are rendered before the clock starts (each send only
     swaps in a fresh id), so the limit holds no composition cost - the worker's does."""
     template = smtp_message(0, email_id=_ID_SLOT).as_bytes(policy=policy.SMTP)
@@ -108,6 +112,7 @@ def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> int:
     done = 0
     while time.monotonic() < start_at:
         time.sleep(0.001)
+    cpu = time.process_time()
     while time.monotonic() < end_at:
         data = template.replace(_ID_SLOT.encode(), new_id().encode())
         if pipelined:
@@ -115,8 +120,9 @@ def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> int:
         else:
             conn.sendmail("bench@example.com", ["rcpt0@example.com"], data)
         done += 1
+    cpu = time.process_time() - cpu
     conn.quit()
-    return done
+    return done, cpu
 
 
 def _send_pipelined(conn: smtplib.SMTP, sender: str, rcpt: str, data: bytes) -> None:
@@ -133,12 +139,29 @@ def _send_pipelined(conn: smtplib.SMTP, sender: str, rcpt: str, data: bytes) -> 
 
 
 def run_clients(
-    pool: ProcessPoolExecutor, clients: int, duration: float, target: Callable[..., int], *args: Any
+    pool: ProcessPoolExecutor,
+    clients: int,
+    duration: float,
+    target: Callable[..., tuple[int, float]],
+    *args: Any,
+    cpu: list[dict[str, float]],
+    env: BenchEnv,
 ) -> float:
-    """``clients`` processes run ``target`` for ``duration`` seconds; the summed rate/s."""
+    """``clients`` processes run ``target`` for ``duration`` seconds; the summed rate/s.
+    Appends to ``cpu`` where the CPU went per item meanwhile (the clients' own as
+    ``client``)."""
     start_at = time.monotonic() + 1.0
     futures = [pool.submit(target, *args, start_at, start_at + duration) for _ in range(clients)]
-    return sum(f.result() for f in futures) / duration
+    meter = CpuMeter(env)
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    meter.start()
+    time.sleep(max(0.0, start_at + duration - time.monotonic()))
+    meter.stop()
+    results = [f.result() for f in futures]
+    done = sum(count for count, _ in results)
+    meter.seconds["client"] = sum(seconds for _, seconds in results)
+    cpu.append(meter.per_item_us(done))
+    return done / duration
 
 
 def spawn_pool(size: int) -> ProcessPoolExecutor:
@@ -270,17 +293,33 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
         (8, 100, "mysql_100_8"),
     ):
         pool = spawn_pool(clients)
-        runs = []
+        runs: list[float] = []
+        cpu: list[dict[str, float]] = []
         for rep in range(reps):
             progress(
                 SECTION, f"MySQL insert {clients} client(s), {per_tx}/tx, run {rep + 1}/{reps}"
             )
             runs.append(
-                run_clients(pool, clients, duration, _mysql_client, env.database_url, per_tx)
+                run_clients(
+                    pool,
+                    clients,
+                    duration,
+                    _mysql_client,
+                    env.database_url,
+                    per_tx,
+                    cpu=cpu,
+                    env=env,
+                )
             )
         pool.shutdown()
         unit = "emails/s" if per_tx > 1 else "tx/s"
-        raw[key] = {**summary(runs), "unit": unit, "clients": clients, "per_tx": per_tx}
+        raw[key] = {
+            **summary(runs),
+            "unit": unit,
+            "clients": clients,
+            "per_tx": per_tx,
+            "cpu": cpu_summary(cpu),
+        }
     env.truncate()
 
     # RabbitMQ
@@ -292,24 +331,44 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
     )
     for name, measure in measures:
         runs = []
+        cpu = []
         for rep in range(reps):
             progress(SECTION, f"{name} run {rep + 1}/{reps}")
-            runs.append(measure())
-            if name == "rabbit_windowed":
+            with CpuMeter(env) as meter:
+                runs.append(measure())
+            if name == "rabbit_windowed":  # the publisher is the bench process
+                cpu.append(meter.per_item_us(total))
                 consumed = consume_ack(queue)
                 raw.setdefault("_consume", []).append(consumed)
         raw[name] = {**summary(runs), "unit": "msg/s"}
+        if cpu:
+            raw[name]["cpu"] = cpu_summary(cpu)
     raw["rabbit_consume_ack_prefetch50"] = {**summary(raw.pop("_consume")), "unit": "msg/s"}
 
     # SMTP
     for conns in (1, 2):
         pool = spawn_pool(conns)
         runs = []
+        cpu = []
         for rep in range(reps):
             progress(SECTION, f"SMTP {conns} reused connection(s) run {rep + 1}/{reps}")
             runs.append(
-                run_clients(pool, conns, duration, _smtp_client, env.smtp.host, env.smtp.port)
+                run_clients(
+                    pool,
+                    conns,
+                    duration,
+                    _smtp_client,
+                    env.smtp.host,
+                    env.smtp.port,
+                    cpu=cpu,
+                    env=env,
+                )
             )
         pool.shutdown()
-        raw[f"smtp_{conns}conn"] = {**summary(runs), "unit": "msg/s", "connections": conns}
+        raw[f"smtp_{conns}conn"] = {
+            **summary(runs),
+            "unit": "msg/s",
+            "connections": conns,
+            "cpu": cpu_summary(cpu),
+        }
     env.smtp.handler.received.clear()

@@ -209,13 +209,13 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
         parts = [
             f"{k} {_spread(v, 1 if 'ms' in k else 0)}"
             for k, v in node.items()
-            if isinstance(v, dict)
+            if isinstance(v, dict) and k != "cpu"
         ]
         lines.append(f"| api {key} | {'; '.join(parts)} |")
     for section in ("relay", "worker"):
         for key, node in results.get(section, {}).items():
             if isinstance(node, dict):
-                parts = [f"{k} {_spread(v)}" for k, v in node.items()]
+                parts = [f"{k} {_spread(v)}" for k, v in node.items() if k != "cpu"]
                 lines.append(f"| {section} {key} | {'; '.join(parts)} |")
     for who in ("pipeline", "celery"):
         for key, node in results.get(who, {}).items():
@@ -254,6 +254,7 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
             f"| RSS KiB, none / {scale['rss']['scheduled']} scheduled | "
             f"{scale['rss']['none_kib']} / {scale['rss']['scheduled_kib']} |"
         )
+    lines += cpu_table(results)
     lines += [
         "",
         "## Targets (ratios from this run)",
@@ -268,6 +269,53 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
             f"| {row['figure']} | {_fmt(row['value'], 2)}{detail} | {row['target']} | {mark} |"
         )
     return "\n".join(lines)
+
+
+# (section, key, rate field, what an item is) of every measurement with a CPU account
+_CPU_ROWS = (
+    ("raw", "mysql_100_8", None, "email"),
+    ("raw", "rabbit_windowed", None, "message"),
+    ("raw", "smtp_1conn", None, "message"),
+    ("raw", "smtp_2conn", None, "message"),
+    ("api", "create_c1", "req_per_s", "create"),
+    ("api", "create_c8", "req_per_s", "create"),
+    ("api", "batch100_c8", "emails_per_s", "email"),
+    ("relay", "relays_1", "rows_per_s", "row"),
+    ("relay", "relays_2", "rows_per_s", "row"),
+    ("worker", "workers_1", "deliveries_per_s", "email"),
+    ("worker", "workers_2", "deliveries_per_s", "email"),
+)
+_OURS = ("client", "api", "relay", "worker")  # whichever the measurement ran
+_OTHERS = ("mariadb", "broker", "sink", "bench")
+
+
+def cpu_table(results: dict[str, Any]) -> list[str]:
+    """Where the CPU went, per item: the measured process (the raw client, or ours),
+    MariaDB, RabbitMQ, the sink's thread and the rest of the bench process; and how many
+    cores' worth that was at the measured rate (on 2 cores, near 2 means CPU-bound)."""
+    lines = [
+        "",
+        "## Where the CPU went (us per item, median of the runs)",
+        "",
+        "| measurement | measured process | mariadb | broker | sink | bench | total | cores busy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for section, key, field, item in _CPU_ROWS:
+        node = _get(results, section, key)
+        cpu = node.get("cpu") if isinstance(node, dict) else None
+        if not isinstance(cpu, dict):
+            continue
+        rate = _med(results, section, key, field) if field else _med(results, section, key)
+        ours = next((name for name in _OURS if name in cpu), None)
+        cells = [f"{ours} {_fmt(cpu[ours]['median'])}" if ours else "-"]
+        cells += [_fmt(cpu[name]["median"]) if name in cpu else "-" for name in _OTHERS]
+        total = cpu.get("total")
+        busy = rate * total / 1e6 if rate is not None and total else None
+        lines.append(
+            f"| {section} {key} (per {item}) | {' | '.join(cells)} | {_fmt(total)} "
+            f"| {_fmt(busy, 2)} |"
+        )
+    return lines if len(lines) > 5 else []
 
 
 def write(results: dict[str, Any]) -> Path:

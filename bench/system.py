@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,10 +40,12 @@ from bench.common import (
     RABBITMQ_URL,
     REDIS_URL,
     BenchEnv,
+    CpuMeter,
     Ticker,
     broker_pid,
     bulk_future_rows,
     children,
+    cpu_summary,
     insert_emails,
     latency_summary,
     percentile,
@@ -173,11 +175,15 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
         load = HttpLoad(stack.api_url, API_KEY)
         create = [load.render_post("/v1/emails", body) for body in bodies]
         closed_loop(load, 8, 1.0, create)  # warm-up
+        servers = {"api": [api.pid, *children(api.pid)]}
         for concurrency in (1, 8, 32):
             rates, p50s, p99s, errs = [], [], [], 0
+            cpu: list[dict[str, float]] = []
             for rep in range(reps):
                 progress(section, f"POST /v1/emails, {concurrency} clients, run {rep + 1}/{reps}")
-                rate, lat, errors = closed_loop(load, concurrency, duration, create)
+                with CpuMeter(env, servers) as meter:
+                    rate, lat, errors = closed_loop(load, concurrency, duration, create)
+                cpu.append(meter.per_item_us(rate * duration))
                 rates.append(rate)
                 p50s.append(percentile(lat, 50) * 1000)
                 p99s.append(percentile(lat, 99) * 1000)
@@ -187,6 +193,7 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
                 "p50_ms": summary(p50s),
                 "p99_ms": summary(p99s),
                 "errors": errs,
+                "cpu": cpu_summary(cpu),
             }
         # The floor under every figure above: the same server processes answering
         # GET /healthz (HTTP, routing, JSON out; no body, no thread hand-off, no MySQL).
@@ -215,21 +222,36 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
                 "p99_ms": summary(p99s),
                 "errors": errs,
             }
-        batch = [
-            load.render_post("/v1/emails/batch", {"emails": bodies[start : start + 100]})
-            for start in range(0, len(bodies), 100)
-        ]
-        rates = []
-        for rep in range(reps):
-            progress(section, f"POST /v1/emails/batch (100 each), 8 clients, run {rep + 1}/{reps}")
-            rate, _lat, _errors = closed_loop(load, 8, duration, batch)
-            rates.append(rate * 100)
-        out["batch100_c8"] = {"emails_per_s": summary(rates)}
+        out["batch100_c8"] = _batch(env, load, servers, bodies, reps=reps, duration=duration)
         out["api_workers"] = API_WORKERS
         out["api_rss_kib"] = rss_kib(api.pid) + sum(rss_kib(kid) for kid in children(api.pid))
         load.close()
         stack.stop_all()
     env.truncate()
+
+
+def _batch(
+    env: BenchEnv,
+    load: HttpLoad,
+    servers: Mapping[str, Sequence[int]],
+    bodies: Sequence[dict[str, Any]],
+    *,
+    reps: int,
+    duration: float,
+) -> dict[str, Any]:
+    """``POST /v1/emails/batch`` of 100 emails from 8 clients: emails/s and CPU per email."""
+    batch = [
+        load.render_post("/v1/emails/batch", {"emails": bodies[start : start + 100]})
+        for start in range(0, len(bodies), 100)
+    ]
+    rates, cpu = [], []
+    for rep in range(reps):
+        progress("api", f"POST /v1/emails/batch (100 each), 8 clients, run {rep + 1}/{reps}")
+        with CpuMeter(env, servers) as meter:
+            rate, _lat, _errors = closed_loop(load, 8, duration, batch)
+        cpu.append(meter.per_item_us(rate * 100 * duration))
+        rates.append(rate * 100)
+    return {"emails_per_s": summary(rates), "cpu": cpu_summary(cpu)}
 
 
 # --- relay burn-down -------------------------------------------------------------------------
@@ -250,7 +272,7 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
         for relays in (1, 2):
             with running_stack(settings, env.workdir) as stack:
                 procs = [start_relay(stack) for _ in range(relays)]
-                runs, to_queue = [], []
+                runs, to_queue, cpu = [], [], []
                 for rep in range(reps):
                     env.truncate()
                     channel.queue_purge(queue)
@@ -264,6 +286,8 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
                                 " available_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
                             )
                         )
+                    meter = CpuMeter(env, {"relay": [p.pid for p in procs]})
+                    meter.start()
                     t0 = time.monotonic()
                     fastpath.notify_due()
                     progress(section, f"{relays} relay(s): {rows} rows due, draining")
@@ -279,6 +303,8 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
                         queued = time.monotonic()
                         wait_until(lambda: _unpublished(env) == 0, 120, 0.05)
                     done = time.monotonic()
+                    meter.stop()
+                    cpu.append(meter.per_item_us(rows))
                     runs.append(rows / (done - t0))
                     to_queue.append(rows / (queued - t0))
                     progress(section, f"{relays} relay(s): {runs[-1]:.0f} rows/s")
@@ -286,6 +312,7 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
                     "rows_per_s": summary(runs),
                     "rows_per_s_until_in_queue": summary(to_queue),
                     "relay_rss_kib": [rss_kib(p.pid) for p in procs],
+                    "cpu": cpu_summary(cpu),
                 }
                 stack.stop_all()
     finally:
@@ -341,7 +368,7 @@ def worker_section(env: BenchEnv, results: dict[str, Any]) -> None:
             procs = [start_worker(stack) for _ in range(workers)]
             connection = blocking_connection(RABBITMQ_URL)
             channel = connection.channel()
-            runs = []
+            runs, cpu = [], []
             for rep in range(reps):
                 env.truncate()
                 env.smtp.handler.received.clear()
@@ -350,6 +377,8 @@ def worker_section(env: BenchEnv, results: dict[str, Any]) -> None:
                 )
                 wanted = set(ids)
                 progress(section, f"{workers} worker(s): {messages} messages, run {rep + 1}/{reps}")
+                meter = CpuMeter(env, {"worker": [p.pid for p in procs]})
+                meter.start()
                 t0 = datetime.now(UTC)
                 for email_id in ids:
                     message = DeliveryMessage(email_id, 1)
@@ -357,12 +386,15 @@ def worker_section(env: BenchEnv, results: dict[str, Any]) -> None:
                         "", queue, message.encode(), message_properties(message.message_id)
                     )
                 wait_deliveries(env, section, wanted, 300)
+                meter.stop()
+                cpu.append(meter.per_item_us(messages))
                 last = max(arrivals(env, wanted).values())
                 runs.append(messages / (last - t0).total_seconds())
                 progress(section, f"{workers} worker(s): {runs[-1]:.0f} deliveries/s")
             out[f"workers_{workers}"] = {
                 "deliveries_per_s": summary(runs),
                 "worker_rss_kib": [rss_kib(p.pid) for p in procs],
+                "cpu": cpu_summary(cpu),
             }
             connection.close()
             stack.stop_all()

@@ -15,6 +15,7 @@ without TLS under it (``AuthRecorder.attempts``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email
 import socket
 import threading
@@ -172,6 +173,15 @@ class SmtpSink:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
+
+    @property
+    def native_thread_id(self) -> int:
+        """The OS id of the thread serving SMTP (the bench reads its CPU time)."""
+        found: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._controller.loop.call_soon_threadsafe(
+            lambda: found.set_result(threading.get_native_id())
+        )
+        return found.result(timeout=5)
 
     @property
     def received(self) -> list[Received]:
