@@ -273,6 +273,8 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
 
 # (section, key, rate field, what an item is) of every measurement with a CPU account
 _CPU_ROWS = (
+    ("raw", "mysql_tx_1", None, "transaction"),
+    ("raw", "mysql_tx_8", None, "transaction"),
     ("raw", "mysql_100_8", None, "email"),
     ("raw", "rabbit_windowed", None, "message"),
     ("raw", "smtp_1conn", None, "message"),
