@@ -322,30 +322,29 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def broker_pid() -> int | None:
-    """RabbitMQ's beam.smp on this machine, to read (never signal) its RSS."""
+def _local_process(names: tuple[str, ...], cmdline_holds: bytes = b"") -> int | None:
+    """The pid of a process on this machine whose command name is one of ``names`` (and
+    whose command line holds ``cmdline_holds``), to read - never signal - its figures."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    cmdline = (entry / "cmdline").read_bytes()
-                    if b"rabbit" in cmdline:
-                        return int(entry.name)
-            except OSError:
-                continue
-    return None
-
-
-def mariadb_pid() -> int | None:
-    """The local MySQL/MariaDB server, to read (never signal) its CPU time."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                if (entry / "comm").read_text().strip() in names and (
+                    cmdline_holds in (entry / "cmdline").read_bytes()
+                ):
                     return int(entry.name)
             except OSError:
                 continue
     return None
+
+
+def broker_pid() -> int | None:
+    """RabbitMQ's beam.smp on this machine (its RSS, its CPU time)."""
+    return _local_process(("beam.smp",), b"rabbit")
+
+
+def mariadb_pid() -> int | None:
+    """The local MySQL/MariaDB server (its CPU time)."""
+    return _local_process(("mariadbd", "mysqld"))
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
