@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             env.teardown()
     results["seconds"] = time.monotonic() - started
     results["targets"] = report.targets(results)
+    results["ceilings"] = report.ceilings(results)
     path = report.write(results)
     print(report.markdown(results))
     print(f"\nJSON: {path}  ({results['seconds']:.0f} s)")

@@ -13,6 +13,10 @@ same quorum queue arguments, the same message body and the same SMTP sink.
   connection per client process, 1 and 2 connections (the worker counts measured). The
   sink offers PIPELINING, so the client pipelines as the worker does (MAIL, RCPT and DATA
   in one write, then the message and its "." in one more): the same two round trips.
+- SMTP + record: the same, each send then recorded (the email's UPDATE, its attempt
+  INSERT, COMMIT) before the next is sent - the least a worker does under FAULTS' rule.
+- The plainest correct outbox relay (``outbox_floor_client``), run by the relay section
+  on its burn-down rows.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from services.core.broker import (
 from services.core.db import create_db_engine
 from services.core.ids import new_id
 from services.core.messages import DeliveryMessage
+from services.core.schema import db_time
 
 SECTION = "raw"
 
@@ -122,6 +127,63 @@ def _smtp_client(host: str, port: int, start_at: float, end_at: float) -> tuple[
         done += 1
     cpu = time.process_time() - cpu
     conn.quit()
+    return done, cpu
+
+
+# The least a worker must write per email under FAULTS' rule (one extra copy per crash
+# at most): the acceptance, committed before the next message is accepted - the email's
+# new status and its attempt row (``GET /v1/emails/{id}/attempts``), plainly: two
+# statements and a COMMIT, no claim, no broker, no composing.
+_FLOOR_RECORD = (
+    "UPDATE emails SET status = 'sent', version = version + 1, attempts = attempts + 1,"
+    " sent_at = %(now)s, updated_at = %(now)s WHERE id = %(id)s"
+)
+_FLOOR_ATTEMPT = (
+    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome, smtp_code)"
+    " VALUES (%(id)s, %(number)s, %(now)s, %(now)s, 'sent', 250)"
+)
+_FLOOR_ROWS = 2000  # emails per client, updated in turn (a row again after a lap)
+
+
+def _smtp_recorded_client(
+    url: str, host: str, port: int, start_at: float, end_at: float
+) -> tuple[int, float]:
+    """``_smtp_client``, each send then recorded in a transaction of its own before the
+    next: the floor the delivery guarantee sets, with nothing of ours in it."""
+    engine = create_db_engine(url, pool_size=1)
+    with engine.begin() as conn:  # the emails exist before the clock starts
+        now = datetime.now(UTC)
+        ids = [
+            email_id
+            for start in range(0, _FLOOR_ROWS, 100)
+            for email_id in emails.create(
+                conn, OWNER, [new_email(now, start + i) for i in range(100)], now
+            )
+        ]
+    template = smtp_message(0, email_id=_ID_SLOT).as_bytes(policy=policy.SMTP)
+    smtp = smtplib.SMTP(host, port, timeout=30)
+    smtp.ehlo()
+    done = 0
+    with engine.connect() as conn:
+        while time.monotonic() < start_at:
+            time.sleep(0.001)
+        cpu = time.process_time()
+        while time.monotonic() < end_at:
+            email_id = ids[done % _FLOOR_ROWS]
+            data = template.replace(_ID_SLOT.encode(), email_id.encode())
+            _send_pipelined(smtp, "bench@example.com", "rcpt0@example.com", data)
+            bound = {
+                "id": email_id,
+                "number": done // _FLOOR_ROWS + 1,
+                "now": db_time(datetime.now(UTC)),
+            }
+            conn.exec_driver_sql(_FLOOR_RECORD, bound)
+            conn.exec_driver_sql(_FLOOR_ATTEMPT, bound)
+            conn.commit()
+            done += 1
+        cpu = time.process_time() - cpu
+    smtp.quit()
+    engine.dispose()
     return done, cpu
 
 
@@ -252,6 +314,87 @@ def publish_windowed(queue: str, total: int, window: int = 1000) -> float:
     return float(total / (state["end"] - state["start"]))
 
 
+# The plainest correct relay (``outbox_floor_client``): rows locked by the claim's
+# transaction stand for the lease, and are marked published in it once confirmed.
+_FLOOR_CLAIM = (
+    "SELECT id, email_id, version FROM outbox WHERE due_at <= UTC_TIMESTAMP(6)"
+    " ORDER BY due_at LIMIT %(lot)s FOR UPDATE SKIP LOCKED"
+)
+_FLOOR_MARK = "UPDATE outbox SET published_at = UTC_TIMESTAMP(6) WHERE id IN %(ids)s"
+_FLOOR_QUEUED = (
+    "UPDATE emails JOIN outbox ON emails.id = outbox.email_id"
+    " AND emails.version = outbox.version"
+    " SET emails.status = 'queued', emails.updated_at = UTC_TIMESTAMP(6)"
+    " WHERE outbox.id IN %(ids)s AND emails.status = 'pending'"
+)
+
+
+def outbox_floor_client(url: str, queue: str, lot: int = 500) -> tuple[int, float, float]:
+    """Drain the due outbox rows as the plainest correct relay would: lock a lot (``FOR
+    UPDATE SKIP LOCKED``), publish it with every confirm outstanding, mark the rows
+    published and their emails queued, commit; then the next lot. No lease write, no
+    publishing at an instant, no overlap of database and broker. Returns (rows, CPU
+    seconds, seconds from the first claim to the last commit)."""
+    engine = create_db_engine(url, pool_size=1)
+    db = engine.connect()
+    state: dict[str, Any] = {"done": 0, "ids": [], "acked": 0, "start": 0.0, "end": 0.0}
+    connection: pika.SelectConnection | None = None
+    channel_ref: list[Any] = []
+
+    def claim() -> None:  # the next lot, or the end
+        rows = db.exec_driver_sql(_FLOOR_CLAIM, {"lot": lot}).all()
+        if not rows:
+            db.commit()
+            state["end"] = time.monotonic()
+            if connection is not None:
+                connection.close()
+            return
+        state["ids"], state["acked"] = [row.id for row in rows], 0
+        for row in rows:
+            message = DeliveryMessage(row.email_id, row.version)
+            channel_ref[0].basic_publish(
+                "", queue, message.encode(), message_properties(message.message_id), mandatory=True
+            )
+
+    def on_confirm(frame: Any) -> None:
+        method = frame.method
+        if not isinstance(method, Basic.Ack):
+            raise RuntimeError("nacked")
+        # Tags count the channel's publishes: this lot's are done + 1 ... done + len(lot).
+        state["acked"] = (
+            method.delivery_tag - state["done"] if method.multiple else state["acked"] + 1
+        )
+        if state["acked"] < len(state["ids"]):
+            return
+        ids = tuple(state["ids"])
+        db.exec_driver_sql(_FLOOR_MARK, {"ids": ids})
+        db.exec_driver_sql(_FLOOR_QUEUED, {"ids": ids})
+        db.commit()
+        state["done"] += len(ids)
+        claim()
+
+    def on_channel(channel: Any) -> None:
+        channel_ref.append(channel)
+
+        def start(_frame: Any) -> None:
+            state["start"] = time.monotonic()
+            claim()
+
+        channel.confirm_delivery(ack_nack_callback=on_confirm, callback=start)
+
+    connection = pika.SelectConnection(
+        connection_parameters(RABBITMQ_URL),
+        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+        on_close_callback=lambda _c, _r: connection.ioloop.stop() if connection else None,
+    )
+    cpu = time.process_time()
+    connection.ioloop.start()
+    cpu = time.process_time() - cpu
+    db.close()
+    engine.dispose()
+    return state["done"], cpu, state["end"] - state["start"]
+
+
 def _queue_args(queue: str) -> dict[str, Any]:
     from services.core.broker import queue_arguments  # noqa: PLC0415
 
@@ -371,4 +514,33 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
             "connections": conns,
             "cpu": cpu_summary(cpu),
         }
+
+    # SMTP with each send recorded before the next: the floor of the delivery guarantee
+    for conns in (1, 2):
+        pool = spawn_pool(conns)
+        runs = []
+        cpu = []
+        for rep in range(reps):
+            progress(SECTION, f"SMTP + record, {conns} connection(s) run {rep + 1}/{reps}")
+            runs.append(
+                run_clients(
+                    pool,
+                    conns,
+                    duration,
+                    _smtp_recorded_client,
+                    env.database_url,
+                    env.smtp.host,
+                    env.smtp.port,
+                    cpu=cpu,
+                    env=env,
+                )
+            )
+        pool.shutdown()
+        raw[f"smtp_recorded_{conns}conn"] = {
+            **summary(runs),
+            "unit": "msg/s",
+            "connections": conns,
+            "cpu": cpu_summary(cpu),
+        }
+    env.truncate()
     env.smtp.handler.received.clear()

@@ -167,6 +167,62 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: PLR0915
     return rows
 
 
+def ceilings(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the guarantees themselves leave of the worker's and the relay's targets, from
+    plain correct clients measured in the same run: raw SMTP with each send recorded
+    before the next (FAULTS' one extra copy per crash), and the plainest outbox relay
+    (``raw.outbox_floor_client``). No targets of their own: they say what holds one."""
+    rows: list[dict[str, Any]] = []
+    for n in (1, 2):
+        floor = _med(results, "raw", f"smtp_recorded_{n}conn")
+        smtp = _med(results, "raw", f"smtp_{n}conn")
+        worker = _med(results, "worker", f"workers_{n}", "deliveries_per_s")
+        rows.append(
+            {
+                "figure": f"raw SMTP + record / raw SMTP msgs/s ({n} conn)",
+                "value": _ratio(floor, smtp),
+                "detail": f"{_fmt(floor)} / {_fmt(smtp)}; the worker target is 0.7",
+            }
+        )
+        rows.append(
+            {
+                "figure": f"worker deliveries/s ({n} proc) / raw SMTP + record msgs/s",
+                "value": _ratio(worker, floor),
+                "detail": f"{_fmt(worker)} / {_fmt(floor)}",
+            }
+        )
+    plain = _med(results, "relay", "floor", "rows_per_s")
+    windowed = _med(results, "raw", "rabbit_windowed")
+    rows.append(
+        {
+            "figure": "plain relay rows/s / raw windowed-confirm publishes/s",
+            "value": _ratio(plain, windowed),
+            "detail": f"{_fmt(plain)} / {_fmt(windowed)}; the relay target is 0.5",
+        }
+    )
+    for n in (1, 2):
+        relay = _med(results, "relay", f"relays_{n}", "rows_per_s")
+        rows.append(
+            {
+                "figure": f"relay rows/s ({n} relay) / plain relay rows/s",
+                "value": _ratio(relay, plain),
+                "detail": f"{_fmt(relay)} / {_fmt(plain)}",
+            }
+        )
+    floor2 = _med(results, "raw", "smtp_recorded_2conn")
+    for key in sorted(k for k in (_get(results, "pipeline") or {}) if k.startswith("burst_")):
+        n = int(key.split("_")[1])
+        bound = 3 if n <= 5000 else 15
+        rows.append(
+            {
+                "figure": f"burst {n}: least drain time at the raw SMTP + record rate (s)",
+                "value": n / floor2 if floor2 else None,
+                "detail": f"{n} / {_fmt(floor2)} msgs/s (2 conn); target {bound} s",
+            }
+        )
+    return rows
+
+
 def _cut(burst: dict[str, Any]) -> str:
     if not burst.get("cut_off"):
         return ""
@@ -268,6 +324,16 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
         lines.append(
             f"| {row['figure']} | {_fmt(row['value'], 2)}{detail} | {row['target']} | {mark} |"
         )
+    floors = [row for row in results.get("ceilings", []) if row["value"] is not None]
+    if floors:
+        lines += [
+            "",
+            "## What the guarantees themselves leave (plain correct clients, same run)",
+            "",
+            "| figure | measured |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {r['figure']} | {_fmt(r['value'], 2)} ({r['detail']}) |" for r in floors]
     return "\n".join(lines)
 
 
@@ -279,9 +345,12 @@ _CPU_ROWS = (
     ("raw", "rabbit_windowed", None, "message"),
     ("raw", "smtp_1conn", None, "message"),
     ("raw", "smtp_2conn", None, "message"),
+    ("raw", "smtp_recorded_1conn", None, "message"),
+    ("raw", "smtp_recorded_2conn", None, "message"),
     ("api", "create_c1", "req_per_s", "create"),
     ("api", "create_c8", "req_per_s", "create"),
     ("api", "batch100_c8", "emails_per_s", "email"),
+    ("relay", "floor", "rows_per_s", "row"),
     ("relay", "relays_1", "rows_per_s", "row"),
     ("relay", "relays_2", "rows_per_s", "row"),
     ("worker", "workers_1", "deliveries_per_s", "email"),

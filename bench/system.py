@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from bench import raw
 from bench.common import (
     API_KEY,
     BODY_TEXT,
@@ -269,6 +270,7 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
     channel = connection.channel()
     declare_topology(channel, queue)
     try:
+        out["floor"] = _outbox_floor(env, channel, queue, rows, reps)
         for relays in (1, 2):
             with running_stack(settings, env.workdir) as stack:
                 procs = [start_relay(stack) for _ in range(relays)]
@@ -277,15 +279,7 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
                     env.truncate()
                     channel.queue_purge(queue)
                     progress(section, f"{relays} relay(s): scheduling {rows} rows, run {rep + 1}")
-                    insert_emails(env.engine, [datetime.now(UTC) + timedelta(days=1)] * rows)
-                    time.sleep(1.0)
-                    with env.engine.begin() as conn:
-                        conn.execute(
-                            sa.text(
-                                "UPDATE outbox SET fire_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND,"
-                                " available_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
-                            )
-                        )
+                    _make_due(env, rows, settle=1.0)  # the relays idle meanwhile
                     meter = CpuMeter(env, {"relay": [p.pid for p in procs]})
                     meter.start()
                     t0 = time.monotonic()
@@ -320,6 +314,48 @@ def relay_section(env: BenchEnv, results: dict[str, Any]) -> None:
         connection.close()
         fastpath.close()
     env.truncate()
+
+
+def _make_due(env: BenchEnv, rows: int, settle: float = 0.0) -> None:
+    """``rows`` scheduled emails, then (after ``settle`` seconds) all of their outbox rows
+    due at once."""
+    insert_emails(env.engine, [datetime.now(UTC) + timedelta(days=1)] * rows)
+    time.sleep(settle)
+    with env.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE outbox SET fire_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND,"
+                " available_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
+            )
+        )
+
+
+def _outbox_floor(env: BenchEnv, channel: Any, queue: str, rows: int, reps: int) -> dict[str, Any]:
+    """The same burn-down by the plainest correct relay (``raw.outbox_floor_client``, a
+    process of its own): what the outbox pattern itself costs here, for comparison."""
+    pool = raw.spawn_pool(1)
+    runs, cpu = [], []
+    try:
+        for rep in range(reps):
+            env.truncate()
+            channel.queue_purge(queue)
+            progress("relay", f"plain relay (floor): {rows} rows due, run {rep + 1}/{reps}")
+            _make_due(env, rows)
+            meter = CpuMeter(env)
+            meter.start()
+            done, seconds, elapsed = pool.submit(
+                raw.outbox_floor_client, env.database_url, queue
+            ).result()
+            meter.stop()
+            if done != rows:
+                raise RuntimeError(f"the plain relay published {done} of {rows} rows")
+            meter.seconds["client"] = seconds
+            cpu.append(meter.per_item_us(done))
+            runs.append(done / elapsed)
+            progress("relay", f"plain relay (floor): {runs[-1]:.0f} rows/s")
+    finally:
+        pool.shutdown()
+    return {"rows_per_s": summary(runs), "cpu": cpu_summary(cpu)}
 
 
 def _unpublished(env: BenchEnv) -> int:
