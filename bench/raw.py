@@ -333,7 +333,9 @@ def outbox_floor_client(url: str, queue: str, lot: int = 500) -> tuple[int, floa
     """Drain the due outbox rows as the plainest correct relay would: lock a lot (``FOR
     UPDATE SKIP LOCKED``), publish it with every confirm outstanding, mark the rows
     published and their emails queued, commit; then the next lot. No lease write, no
-    publishing at an instant, no overlap of database and broker. Returns (rows, CPU
+    publishing at an instant, no overlap of database and broker. It holds the lot's row
+    locks while publishing, which a production relay should not (a cancel, or a worker
+    recording one of those emails, would wait on the broker). Returns (rows, CPU
     seconds, seconds from the first claim to the last commit)."""
     engine = create_db_engine(url, pool_size=1)
     db = engine.connect()

@@ -200,13 +200,21 @@ def api_section(env: BenchEnv, results: dict[str, Any]) -> None:
         # GET /healthz (HTTP, routing, JSON out; no body, no thread hand-off, no MySQL).
         healthz = [load.render_get("/healthz")]
         for concurrency in (1, 8):
-            rates, p50s = [], []
+            rates, p50s, cpu = [], [], []
             for rep in range(reps):
                 progress(section, f"GET /healthz, {concurrency} clients, run {rep + 1}/{reps}")
-                rate, lat, _errors = closed_loop(load, concurrency, duration, healthz, expect=200)
+                with CpuMeter(env, servers) as meter:
+                    rate, lat, _errors = closed_loop(
+                        load, concurrency, duration, healthz, expect=200
+                    )
+                cpu.append(meter.per_item_us(rate * duration))
                 rates.append(rate)
                 p50s.append(percentile(lat, 50) * 1000)
-            out[f"healthz_c{concurrency}"] = {"req_per_s": summary(rates), "p50_ms": summary(p50s)}
+            out[f"healthz_c{concurrency}"] = {
+                "req_per_s": summary(rates),
+                "p50_ms": summary(p50s),
+                "cpu": cpu_summary(cpu),
+            }
         for rate in (50, 100, 200):
             p50s, p99s, achieved, errs = [], [], [], 0
             for rep in range(reps):
