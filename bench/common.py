@@ -392,7 +392,10 @@ class CpuMeter:
 
     def stop(self) -> None:
         now = self._read()
-        self.seconds = {name: now[name] - self._started[name] for name in now}
+        # "bench" is the process less the sink's thread, each counted in 10 ms ticks read
+        # a moment apart: when the rest of the process did next to nothing it can come
+        # out a tick below zero.
+        self.seconds = {name: max(0.0, now[name] - self._started[name]) for name in now}
 
     def __enter__(self) -> CpuMeter:
         self.start()

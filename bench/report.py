@@ -199,8 +199,8 @@ def ceilings(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_fmt(worker)} / {_fmt(floor)}",
         )
     floor2 = _med(results, "raw", "smtp_recorded_2conn")
-    for key in sorted(k for k in (_get(results, "pipeline") or {}) if k.startswith("burst_")):
-        n = int(key.split("_")[1])
+    bursts = (_get(results, "pipeline") or {}).keys()
+    for n in sorted(int(k.split("_")[1]) for k in bursts if k.startswith("burst_")):
         add(
             f"burst {n}: least drain time at the raw SMTP + record rate (s)",
             n / floor2 if floor2 else None,
