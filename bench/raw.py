@@ -60,6 +60,12 @@ from services.core.messages import DeliveryMessage
 from services.core.schema import db_time
 
 SECTION = "raw"
+REPS = 3  # runs of each measurement
+
+
+def _seconds(env: BenchEnv) -> float:
+    """How long each run of a rate measurement lasts."""
+    return 1.0 if env.quick else 2.0
 
 
 # --- helpers run in client processes ------------------------------------------------------
@@ -425,10 +431,30 @@ def consume_ack(queue: str, prefetch: int = 50) -> float:
         connection.close()
 
 
+def _client_runs(
+    env: BenchEnv,
+    what: str,
+    clients: int,
+    target: Callable[..., tuple[int, float]],
+    *args: Any,
+) -> dict[str, Any]:
+    """``clients`` processes running ``target`` (see ``run_clients``), three times: the
+    summed rate per run and where the CPU went."""
+    reps, duration = REPS, _seconds(env)
+    pool = spawn_pool(clients)
+    runs: list[float] = []
+    cpu: list[dict[str, float]] = []
+    try:
+        for rep in range(reps):
+            progress(SECTION, f"{what}, run {rep + 1}/{reps}")
+            runs.append(run_clients(pool, clients, duration, target, *args, cpu=cpu, env=env))
+    finally:
+        pool.shutdown()
+    return {**summary(runs), "cpu": cpu_summary(cpu)}
+
+
 def run(env: BenchEnv, results: dict[str, Any]) -> None:
-    quick = env.quick
-    reps = 3
-    duration = 1.0 if quick else 2.0
+    reps, duration = REPS, _seconds(env)
     raw: dict[str, Any] = results.setdefault("raw", {})
 
     # MySQL
@@ -437,39 +463,24 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
         (8, 1, "mysql_tx_8"),
         (8, 100, "mysql_100_8"),
     ):
-        pool = spawn_pool(clients)
-        runs: list[float] = []
-        cpu: list[dict[str, float]] = []
-        for rep in range(reps):
-            progress(
-                SECTION, f"MySQL insert {clients} client(s), {per_tx}/tx, run {rep + 1}/{reps}"
-            )
-            runs.append(
-                run_clients(
-                    pool,
-                    clients,
-                    duration,
-                    _mysql_client,
-                    env.database_url,
-                    per_tx,
-                    cpu=cpu,
-                    env=env,
-                )
-            )
-        pool.shutdown()
-        unit = "emails/s" if per_tx > 1 else "tx/s"
         raw[key] = {
-            **summary(runs),
-            "unit": unit,
+            **_client_runs(
+                env,
+                f"MySQL insert {clients} client(s), {per_tx}/tx",
+                clients,
+                _mysql_client,
+                env.database_url,
+                per_tx,
+            ),
+            "unit": "emails/s" if per_tx > 1 else "tx/s",
             "clients": clients,
             "per_tx": per_tx,
-            "cpu": cpu_summary(cpu),
         }
     env.truncate()
 
     # RabbitMQ
     queue = env.queue("raw")
-    total = 5000 if quick else 20000
+    total = 5000 if env.quick else 20000
     measures: tuple[tuple[str, Callable[[], float]], ...] = (
         ("rabbit_confirm_each", lambda: publish_confirm_each(queue, duration)),
         ("rabbit_windowed", lambda: publish_windowed(queue, total)),
@@ -490,59 +501,33 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
             raw[name]["cpu"] = cpu_summary(cpu)
     raw["rabbit_consume_ack_prefetch50"] = {**summary(raw.pop("_consume")), "unit": "msg/s"}
 
-    # SMTP
+    # SMTP, and SMTP with each send recorded before the next (the guarantee's floor)
     for conns in (1, 2):
-        pool = spawn_pool(conns)
-        runs = []
-        cpu = []
-        for rep in range(reps):
-            progress(SECTION, f"SMTP {conns} reused connection(s) run {rep + 1}/{reps}")
-            runs.append(
-                run_clients(
-                    pool,
-                    conns,
-                    duration,
-                    _smtp_client,
-                    env.smtp.host,
-                    env.smtp.port,
-                    cpu=cpu,
-                    env=env,
-                )
-            )
-        pool.shutdown()
         raw[f"smtp_{conns}conn"] = {
-            **summary(runs),
+            **_client_runs(
+                env,
+                f"SMTP {conns} reused connection(s)",
+                conns,
+                _smtp_client,
+                env.smtp.host,
+                env.smtp.port,
+            ),
             "unit": "msg/s",
             "connections": conns,
-            "cpu": cpu_summary(cpu),
         }
-
-    # SMTP with each send recorded before the next: the floor of the delivery guarantee
     for conns in (1, 2):
-        pool = spawn_pool(conns)
-        runs = []
-        cpu = []
-        for rep in range(reps):
-            progress(SECTION, f"SMTP + record, {conns} connection(s) run {rep + 1}/{reps}")
-            runs.append(
-                run_clients(
-                    pool,
-                    conns,
-                    duration,
-                    _smtp_recorded_client,
-                    env.database_url,
-                    env.smtp.host,
-                    env.smtp.port,
-                    cpu=cpu,
-                    env=env,
-                )
-            )
-        pool.shutdown()
         raw[f"smtp_recorded_{conns}conn"] = {
-            **summary(runs),
+            **_client_runs(
+                env,
+                f"SMTP + record, {conns} connection(s)",
+                conns,
+                _smtp_recorded_client,
+                env.database_url,
+                env.smtp.host,
+                env.smtp.port,
+            ),
             "unit": "msg/s",
             "connections": conns,
-            "cpu": cpu_summary(cpu),
         }
     env.truncate()
     env.smtp.handler.received.clear()
