@@ -509,33 +509,23 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
     raw["rabbit_consume_ack_prefetch50"] = {**summary(raw.pop("_consume")), "unit": "msg/s"}
 
     # SMTP, and SMTP with each send recorded before the next (the guarantee's floor)
-    for conns in (1, 2):
-        raw[f"smtp_{conns}conn"] = {
-            **_client_runs(
-                env,
-                f"SMTP {conns} reused connection(s)",
-                conns,
-                _smtp_client,
-                env.smtp.host,
-                env.smtp.port,
-            ),
-            "unit": "msg/s",
-            "connections": conns,
-        }
-    for conns in (1, 2):
-        raw[f"smtp_recorded_{conns}conn"] = {
-            **_client_runs(
-                env,
-                f"SMTP + record, {conns} connection(s)",
-                conns,
-                _smtp_recorded_client,
-                env.database_url,
-                env.smtp.host,
-                env.smtp.port,
-                warm_up=True,
-            ),
-            "unit": "msg/s",
-            "connections": conns,
-        }
+    sink = (env.smtp.host, env.smtp.port)
+    kinds: tuple[tuple[str, str, Callable[..., tuple[int, float]], tuple[Any, ...], bool], ...] = (
+        ("smtp_{}conn", "SMTP {} reused connection(s)", _smtp_client, sink, False),
+        (
+            "smtp_recorded_{}conn",
+            "SMTP + record, {} connection(s)",
+            _smtp_recorded_client,
+            (env.database_url, *sink),
+            True,  # each client makes its emails in an untimed first run
+        ),
+    )
+    for key, what, target, args, warm_up in kinds:
+        for conns in (1, 2):
+            raw[key.format(conns)] = {
+                **_client_runs(env, what.format(conns), conns, target, *args, warm_up=warm_up),
+                "unit": "msg/s",
+                "connections": conns,
+            }
     env.truncate()
     env.smtp.handler.received.clear()
