@@ -5,9 +5,10 @@ On SIGTERM uvicorn stops accepting connections and lets requests in flight finis
 Afterwards uvicorn raises the signal again for the handler that was there before it; ours
 turns that into exit status 0, since stopping on request is a clean stop.
 
-With ``API_WORKERS`` > 1 uvicorn's supervisor runs that many server processes on the
-one listening socket, each building its app with ``app_from_environment``; on SIGTERM it
-passes the signal on, each process finishes its requests as above, and it exits 0.
+With ``API_WORKERS`` > 1 ``services.api.processes`` runs that many server processes, each
+on a listening socket of its own and building its app with ``app_from_environment``; on
+SIGTERM it passes the signal on, each process finishes its requests as above, and it
+exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from services.api import processes
 from services.api.app import create_app
 from services.core.logs import configure_logging
 from services.core.settings import Settings
@@ -78,14 +80,11 @@ def main() -> int:
         settings.api_port,
         settings.api_workers,
     )
-    uvicorn.run(
-        "services.api.app:app_from_environment",
-        factory=True,
-        workers=settings.api_workers,
-        **options,  # type: ignore[arg-type]
-    )
-    log.info("api stopped")
-    return 0
+    try:
+        return processes.serve(settings.api_workers, options, GRACEFUL_SHUTDOWN_SECONDS)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.api_host, settings.api_port, exc)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

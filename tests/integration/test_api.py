@@ -813,7 +813,7 @@ def test_access_log_only_when_asked_and_each_create_logged(
 
 
 def _servers(pid: int) -> set[int]:
-    """PIDs of the server processes uvicorn's supervisor ``pid`` spawned (from /proc;
+    """PIDs of the server processes the supervisor ``pid`` spawned (from /proc;
     multiprocessing's resource tracker, also a child, is left out)."""
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -825,11 +825,30 @@ def _servers(pid: int) -> set[int]:
     return found
 
 
+def _tcp_sockets(pid: int, port: int, state: str) -> set[str]:
+    """The TCP sockets (inodes) on local ``port`` in ``state`` (a /proc/net/tcp code: 0A
+    listening, 01 established) that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    held = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] == state and fields[9] in inodes:
+            held.add(fields[9])
+    return held
+
+
 def test_api_workers_serve_from_several_processes_and_stop_cleanly(
     database_url: str, db: Engine, tmp_path: Path
 ) -> None:
-    """API_WORKERS=2: two server processes share the port and answer creates; SIGTERM
-    lets both finish and stop, and the API exits 0."""
+    """API_WORKERS=2: two server processes, each listening on a socket of its own, both
+    take connections; one that dies is replaced; SIGTERM lets both finish and stop, and
+    the API exits 0."""
     with api_process(
         tmp_path, database_url, API_WORKERS="2", MAIL_FROM="sender@example.com"
     ) as api:
@@ -837,24 +856,53 @@ def test_api_workers_serve_from_several_processes_and_stop_cleanly(
             lambda: len(_servers(api.process.pid)) == 2 and api.answers(), "the API processes"
         )
         servers = _servers(api.process.pid)
-        # Concurrent creates, each on a new connection, for whichever process accepts it.
-        with ThreadPoolExecutor(8) as pool:
-            codes = list(
-                pool.map(
-                    lambda _: (
-                        httpx.post(
-                            f"{api.url}/v1/emails", json=email(), headers=AUTH, timeout=30
-                        ).status_code
-                    ),
-                    range(64),
+        port = int(api.url.rsplit(":", 1)[1])
+        api.wait_until(lambda: all(_tcp_sockets(pid, port, "0A") for pid in servers))
+        first, second = (_tcp_sockets(pid, port, "0A") for pid in servers)
+        assert len(first) == len(second) == 1
+        assert first != second  # not one socket shared
+        # 32 keep-alive clients connecting together: the kernel spreads them over both
+        # listeners (one shared socket gave one process nearly all of them).
+        clients = [httpx.Client(base_url=api.url, timeout=30) for _ in range(32)]
+        try:
+            with ThreadPoolExecutor(32) as pool:
+                codes = list(
+                    pool.map(
+                        lambda c: c.post("/v1/emails", json=email(), headers=AUTH).status_code,
+                        clients,
+                    )
                 )
-            )
-        assert codes == [201] * 64
-        assert count(db, emails) == 64
+            assert codes == [201] * 32
+            held = [len(_tcp_sockets(pid, port, "01")) for pid in servers]
+            assert sum(held) == 32
+            assert min(held) >= 4, held
+        finally:
+            for client in clients:
+                client.close()
+        assert count(db, emails) == 32
+
+        victim = min(servers)
+        os.kill(victim, signal.SIGKILL)
+        api.wait_until(
+            lambda: len(_servers(api.process.pid) - {victim}) == 2, "a replacement process"
+        )
+        servers = _servers(api.process.pid)
+        api.wait_until(lambda: all(_tcp_sockets(pid, port, "0A") for pid in servers))
         output = api.stop()
     assert api.process.returncode == 0, output
-    assert len(servers) == 2, output
-    assert output.count("Application startup complete") == 2, output
+    assert f"api process {victim} ended with status -9; starting another" in output
+    assert output.count("Application startup complete") == 3, output
     assert output.count("Application shutdown complete") == 2, output
     assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
     assert API_KEY not in output
+
+
+def test_api_workers_refuse_a_port_already_taken(database_url: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with api_process(tmp_path, database_url, API_WORKERS="2", API_PORT=str(port)) as api:
+            output, _ = api.process.communicate(timeout=60)
+    assert api.process.returncode == 2, output
+    assert f"cannot listen on 127.0.0.1:{port}" in output
