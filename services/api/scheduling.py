@@ -14,29 +14,31 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection, Row
+from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import Runtime
 from services.api.idempotency import Outcome, Scope, create_once
 from services.core import emails
 from services.core.db import transaction
-from services.core.emails import NewEmail
+from services.core.emails import Creation, NewEmail
+from services.core.fastpath import FastPath
 
 log = logging.getLogger(__name__)
 
 
-def schedule(
+async def schedule(
     runtime: Runtime, owner: str, items: Sequence[NewEmail], scope: Scope | None
 ) -> Outcome:
-    """Create ``items`` all or nothing; with a ``scope``, at most once per Idempotency-Key."""
-    now = datetime.now(UTC)
+    """Create ``items`` all or nothing; with a ``scope``, at most once per Idempotency-Key.
 
-    def create(conn: Connection) -> list[dict[str, Any]]:
-        return emails.create_rows(conn, owner, items, now)
-
+    Without one, in a transaction shared with other creates in flight (``GroupCommit``);
+    with one, in a transaction of its own, on a request thread.
+    """
+    creation = Creation(owner, items, datetime.now(UTC))
     if scope is None:
-        outcome = Outcome(transaction(runtime.engine, create), replayed=False)
+        outcome = Outcome(await runtime.group_commit.create(creation), replayed=False)
     else:
-        outcome = create_once(runtime.engine, scope, now, create)
+        outcome = await run_in_threadpool(_create_once, runtime, scope, creation)
     if outcome.replayed:
         log.info(
             "idempotent replay of %d email(s) first=%s owner=%s",
@@ -44,9 +46,7 @@ def schedule(
             outcome.rows[0]["id"] if outcome.rows else "-",
             owner[:8],
         )
-        return outcome
-    _wake_relay_if_due(runtime, [item.send_at for item in items], now)
-    if len(outcome.rows) == 1:
+    elif len(outcome.rows) == 1:
         log.info("email scheduled id=%s owner=%s", outcome.rows[0]["id"], owner[:8])
     else:
         log.info(
@@ -56,6 +56,16 @@ def schedule(
             outcome.rows[-1]["id"],
             owner[:8],
         )
+    return outcome
+
+
+def _create_once(runtime: Runtime, scope: Scope, creation: Creation) -> Outcome:
+    def create(conn: Connection) -> list[dict[str, Any]]:
+        return emails.create_many(conn, [creation])[0]
+
+    outcome = create_once(runtime.engine, scope, creation.now, create)
+    if not outcome.replayed:
+        wake_relay_if_due(runtime.fastpath, runtime.settings.relay_poll_interval, [creation])
     return outcome
 
 
@@ -81,16 +91,22 @@ def reschedule(runtime: Runtime, owner: str, email_id: str, send_at: datetime) -
         return emails.get(conn, owner, email_id)
 
     row = transaction(runtime.engine, work)
-    _wake_relay_if_due(runtime, [send_at], now)
+    if _due_soon([send_at], now, runtime.settings.relay_poll_interval):
+        runtime.fastpath.notify_due()
     log.info(
         "email rescheduled id=%s send_at=%s owner=%s", email_id, send_at.isoformat(), owner[:8]
     )
     return row
 
 
-def _wake_relay_if_due(
-    runtime: Runtime, send_times: Sequence[datetime | None], now: datetime
+def wake_relay_if_due(
+    fastpath: FastPath, poll_interval: float, creations: Sequence[Creation]
 ) -> None:
-    horizon = now + timedelta(seconds=runtime.settings.relay_poll_interval)
-    if any(when is None or when <= horizon for when in send_times):
-        runtime.fastpath.notify_due()
+    """After a commit: wake the relay if a new email falls due before its next poll."""
+    if any(_due_soon([item.send_at for item in c.items], c.now, poll_interval) for c in creations):
+        fastpath.notify_due()
+
+
+def _due_soon(send_times: Sequence[datetime | None], now: datetime, poll_interval: float) -> bool:
+    horizon = now + timedelta(seconds=poll_interval)
+    return any(when is None or when <= horizon for when in send_times)

@@ -85,11 +85,41 @@ def create_rows(
 ) -> list[dict[str, Any]]:
     """``create``, returning each email's columns as written (what a read-back would
     return, without the round trip: the API answers a create from these)."""
-    rows: list[dict[str, Any]] = []
+    return create_many(conn, [Creation(owner, items, now)])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Creation:
+    """One request's emails: whose, which, and the time it was received."""
+
+    owner: str
+    items: Sequence[NewEmail]
+    now: datetime
+
+
+def create_many(conn: Connection, creations: Sequence[Creation]) -> list[list[dict[str, Any]]]:
+    """``create_rows`` for several requests in the same two statements: each request's
+    emails as written, in order."""
+    written: list[list[dict[str, Any]]] = []
     bound: list[tuple[Any, ...]] = []
     entries: list[outbox.Entry] = []
+    for creation in creations:
+        written.append(_bind(creation, bound, entries))
+    if bound:
+        conn.exec_driver_sql(_INSERT, bound)
+    outbox.add(conn, entries)
+    return written
+
+
+def _bind(
+    creation: Creation, bound: list[tuple[Any, ...]], entries: list[outbox.Entry]
+) -> list[dict[str, Any]]:
+    """``creation``'s emails: their INSERT parameters and outbox entries appended to
+    ``bound`` and ``entries``; their columns returned."""
+    owner, now = creation.owner, creation.now
+    rows: list[dict[str, Any]] = []
     now_text = db_time(now)
-    for item in items:
+    for item in creation.items:
         email_id = new_id()
         send_at = item.send_at or now
         due_at = max(send_at, now)
@@ -143,9 +173,6 @@ def create_rows(
             )
         )
         entries.append(outbox.Entry(email_id, 1, due_at))
-    if bound:
-        conn.exec_driver_sql(_INSERT, bound)
-    outbox.add(conn, entries)
     return rows
 
 

@@ -622,29 +622,26 @@ def test_database_unreachable_is_503_never_500(settings: Settings) -> None:
         assert dead.get("/healthz").status_code == 200
 
 
-def test_requests_wait_for_mysql_on_a_bounded_pool_and_healthz_still_answers(
-    settings: Settings, db: Engine
-) -> None:
-    """While MySQL holds every create (a table lock), at most API_THREADS of them wait
-    inside MySQL, the rest queue in the API, /healthz answers at once, and every create
-    is a 201 once the lock goes."""
-    threads = 3  # not the default, so the setting is what bounds them
-    settings = settings.model_copy(update={"api_threads": threads})
-    creates = threads + 4
-    database = db.url.database
+def _waiting_for_table_lock(db: Engine) -> int:
+    with db.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT COUNT(*) FROM information_schema.processlist"
+                    " WHERE db = :db AND state LIKE 'Waiting for table%lock'"
+                ),
+                {"db": db.url.database},
+            ).scalar_one()
+        )
 
-    def waiting_in_mysql() -> int:
-        with db.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text(
-                        "SELECT COUNT(*) FROM information_schema.processlist"
-                        " WHERE db = :db AND state LIKE 'Waiting for table%lock'"
-                    ),
-                    {"db": database},
-                ).scalar_one()
-            )
 
+@contextlib.contextmanager
+def _creates_under_a_table_lock(
+    settings: Settings, db: Engine, headers: Callable[[int], dict[str, str]], creates: int
+) -> Iterator[int]:
+    """Send ``creates`` creates while MySQL holds them all (LOCK TABLES outbox WRITE);
+    gives how many wait inside MySQL once they have all arrived, having checked that
+    /healthz still answers; afterwards, that every create is a 201 once the lock goes."""
     with (
         live_server(settings) as url,
         httpx.Client(base_url=url, timeout=60) as http,
@@ -654,23 +651,46 @@ def test_requests_wait_for_mysql_on_a_bounded_pool_and_healthz_still_answers(
         locker.execute(sa.text("LOCK TABLES outbox WRITE"))
         try:
             replies = [
-                pool.submit(http.post, "/v1/emails", json=email(), headers=AUTH)
-                for _ in range(creates)
+                pool.submit(http.post, "/v1/emails", json=email(), headers=headers(n))
+                for n in range(creates)
             ]
             deadline = time.monotonic() + 20
-            while waiting_in_mysql() < threads:
-                assert time.monotonic() < deadline, f"{waiting_in_mysql()} creates in MySQL"
+            while _waiting_for_table_lock(db) == 0:
+                assert time.monotonic() < deadline, "no create reached MySQL"
                 time.sleep(0.05)
+            time.sleep(0.5)  # the rest arrive and queue in the API
             started = time.monotonic()
             assert http.get("/healthz").status_code == 200
             assert time.monotonic() - started < 1.0
-            time.sleep(0.5)  # the queued ones stay queued
-            assert waiting_in_mysql() == threads
+            yield _waiting_for_table_lock(db)
             assert not any(reply.done() for reply in replies)
         finally:
             locker.execute(sa.text("UNLOCK TABLES"))
         assert [reply.result().status_code for reply in replies] == [201] * creates
     assert count(db, emails) == creates
+
+
+def test_creates_wait_for_mysql_in_one_transaction_and_healthz_still_answers(
+    settings: Settings, db: Engine
+) -> None:
+    """Creates without an Idempotency-Key are committed in groups: while MySQL holds the
+    first group, one transaction waits in MySQL however many creates come; the others
+    wait in the API for the next group, and each gets its 201 once the lock goes."""
+    with _creates_under_a_table_lock(settings, db, lambda n: AUTH, creates=7) as in_mysql:
+        assert in_mysql == 1
+
+
+def test_idempotent_creates_wait_for_mysql_on_a_bounded_pool(
+    settings: Settings, db: Engine
+) -> None:
+    """Creates with an Idempotency-Key each have a transaction of their own, on one of
+    API_THREADS request threads: at most that many wait inside MySQL, the rest queue."""
+    threads = 3  # not the default, so the setting is what bounds them
+    settings = settings.model_copy(update={"api_threads": threads})
+    with _creates_under_a_table_lock(
+        settings, db, lambda n: {**AUTH, "Idempotency-Key": f"bounded-{n}"}, creates=threads + 4
+    ) as in_mysql:
+        assert in_mysql == threads
 
 
 def test_readyz_with_the_database_up(client: TestClient) -> None:

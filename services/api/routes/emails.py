@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from services.api import scheduling
-from services.api.deps import IdempotencyKeyDep, OwnerDep, Runtime, RuntimeDep
+from services.api.deps import CallerDep, IdempotencyKeyDep, Runtime
 from services.api.idempotency import Outcome, Scope
 from services.api.schemas import (
     AttemptList,
@@ -140,15 +140,11 @@ def _answer(outcome: Outcome, body: EmailOut | EmailBatch) -> Response:
     response_model=EmailOut,
     responses={200: {**_REPLAY, "model": EmailOut}, **_CREATE},
 )
-def create_email(
-    body: EmailRequest,
-    owner: OwnerDep,
-    runtime: RuntimeDep,
-    key: IdempotencyKeyDep,
-) -> Response:
+async def create_email(body: EmailRequest, caller: CallerDep, key: IdempotencyKeyDep) -> Response:
     """Schedule one email. 201 once committed (email and outbox row together)."""
+    runtime, owner = caller.runtime, caller.owner
     items = _new_emails(runtime, [body], lambda _: ("body",))
-    outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "single", body))
+    outcome = await scheduling.schedule(runtime, owner, items, _scope(owner, key, "single", body))
     return _answer(outcome, EmailOut.from_row(outcome.rows[0]))
 
 
@@ -158,30 +154,27 @@ def create_email(
     response_model=EmailBatch,
     responses={200: {**_REPLAY, "model": EmailBatch}, **_CREATE},
 )
-def create_batch(
-    body: BatchRequest,
-    owner: OwnerDep,
-    runtime: RuntimeDep,
-    key: IdempotencyKeyDep,
-) -> Response:
+async def create_batch(body: BatchRequest, caller: CallerDep, key: IdempotencyKeyDep) -> Response:
     """Schedule 1..1000 emails in one transaction: all of them, in order, or none."""
+    runtime, owner = caller.runtime, caller.owner
     items = _new_emails(runtime, body.emails, lambda index: ("body", "emails", index))
-    outcome = scheduling.schedule(runtime, owner, items, _scope(owner, key, "batch", body))
+    outcome = await scheduling.schedule(runtime, owner, items, _scope(owner, key, "batch", body))
     return _answer(outcome, EmailBatch(items=[EmailOut.from_row(row) for row in outcome.rows]))
 
 
 @router.get("")
 def list_emails(
-    owner: OwnerDep,
-    runtime: RuntimeDep,
+    caller: CallerDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> EmailPage:
     """The caller's emails, newest first; follow ``next_cursor`` until it is null."""
-    with runtime.engine.connect() as conn:
+    with caller.runtime.engine.connect() as conn:
         try:
-            rows, next_cursor = emails.page(conn, owner, status=status_, limit=limit, cursor=cursor)
+            rows, next_cursor = emails.page(
+                conn, caller.owner, status=status_, limit=limit, cursor=cursor
+            )
         except ValueError:
             raise RequestValidationError(
                 [
@@ -197,28 +190,28 @@ def list_emails(
 
 
 @router.get("/{email_id}", responses=_NOT_FOUND)
-def get_email(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> EmailOut:
-    with runtime.engine.connect() as conn:
-        return EmailOut.from_row(emails.get(conn, owner, email_id))
+def get_email(email_id: str, caller: CallerDep) -> EmailOut:
+    with caller.runtime.engine.connect() as conn:
+        return EmailOut.from_row(emails.get(conn, caller.owner, email_id))
 
 
 @router.post("/{email_id}/cancel", responses={**_NOT_FOUND, **_CONFLICT})
-def cancel_email(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> EmailOut:
+def cancel_email(email_id: str, caller: CallerDep) -> EmailOut:
     """Pending or queued -> cancelled; cancelling a cancelled email is a no-op."""
-    return EmailOut.from_row(scheduling.cancel(runtime, owner, email_id))
+    return EmailOut.from_row(scheduling.cancel(caller.runtime, caller.owner, email_id))
 
 
 @router.patch("/{email_id}", responses={**_NOT_FOUND, **_CONFLICT})
-def reschedule_email(
-    email_id: str, body: RescheduleRequest, owner: OwnerDep, runtime: RuntimeDep
-) -> EmailOut:
+def reschedule_email(email_id: str, body: RescheduleRequest, caller: CallerDep) -> EmailOut:
     """Move a pending or queued email to a new ``send_at`` (in the past: send now)."""
-    return EmailOut.from_row(scheduling.reschedule(runtime, owner, email_id, body.send_at))
+    return EmailOut.from_row(
+        scheduling.reschedule(caller.runtime, caller.owner, email_id, body.send_at)
+    )
 
 
 @router.get("/{email_id}/attempts", responses=_NOT_FOUND)
-def list_attempts(email_id: str, owner: OwnerDep, runtime: RuntimeDep) -> AttemptList:
+def list_attempts(email_id: str, caller: CallerDep) -> AttemptList:
     """Every SMTP delivery attempt, oldest first."""
-    with runtime.engine.connect() as conn:
-        rows = emails.list_attempts(conn, owner, email_id)
+    with caller.runtime.engine.connect() as conn:
+        rows = emails.list_attempts(conn, caller.owner, email_id)
     return AttemptList(items=[AttemptOut.from_row(row) for row in rows])
