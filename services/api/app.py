@@ -99,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
+    app.include_router(emails.creates)
     app.include_router(emails.router)
     app.include_router(health.router)
     return app

@@ -73,12 +73,12 @@ async def get_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
-_bearer = HTTPBearer(auto_error=False, description="One of the API_KEYS")
+bearer = HTTPBearer(auto_error=False, description="One of the API_KEYS")
 
 
 async def authenticate(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
     runtime = cast(Runtime, request.app.state.runtime)
     owner = runtime.owner_for(credentials.credentials) if credentials else None

@@ -8,9 +8,13 @@ answered with a bare 500 whose body reveals nothing about the statement.
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.core.db import is_unavailable
@@ -37,6 +41,24 @@ async def _mismatch(request: Request, exc: Exception) -> JSONResponse:
     return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
 
 
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, also when an input echoed back is NaN or infinity (which JSON
+    cannot carry: FastAPI's own handler fails on them with a 500)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = _finite(jsonable_encoder(errors))
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
+
+
 async def _database(request: Request, exc: Exception) -> JSONResponse:
     if is_unavailable(exc):
         log.warning("database unavailable: %s %s answered 503", request.method, request.url.path)
@@ -56,6 +78,7 @@ async def _database(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyInFlight, _conflict)

@@ -54,6 +54,9 @@ RESOURCE_KEYS = {
 REPO = Path(__file__).resolve().parents[2]
 
 
+AUTH_JSON = {**AUTH, "Content-Type": "application/json"}
+
+
 def email(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"to": ["a@example.com"], "subject": "Hi", "text": "body"}
     body.update(changes)
@@ -198,6 +201,58 @@ def test_malformed_json_is_422(client: TestClient) -> None:
         headers={**AUTH, "Content-Type": "application/json"},
     )
     assert reply.status_code == 422
+    (error,) = reply.json()["detail"]
+    assert error["type"] == "json_invalid"
+    assert error["loc"] == ["body"]
+    assert error["input"] == {}  # what is not JSON is not echoed back
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "error_type"),
+    [
+        (b"", "application/json", "missing"),
+        (b'{"to": ["a@example.com"], "subject": "s", "text": "t"}', None, "content_type"),
+        (b'{"to": ["a@example.com"], "subject": "s", "text": "t"}', "text/plain", "content_type"),
+        (b"[]", "application/json", "model_type"),
+        (b'{"to": ["a@example.com"], "subject": "\xff"}', "application/json", "json_invalid"),
+    ],
+)
+def test_a_create_body_that_is_not_a_json_object_is_422(
+    client: TestClient, db: Engine, content: bytes, content_type: str | None, error_type: str
+) -> None:
+    headers = {**AUTH, "Content-Type": content_type} if content_type else AUTH
+    for path in ("/v1/emails", "/v1/emails/batch"):
+        reply = client.post(path, content=content, headers=headers)
+        assert reply.status_code == 422, reply.text
+        assert [e["type"] for e in reply.json()["detail"]] == [error_type]
+    assert count(db, emails) == 0
+
+
+def test_a_create_body_is_read_as_json_also_with_a_json_suffix_type(client: TestClient) -> None:
+    reply = client.post(
+        "/v1/emails",
+        content=b'{"to": ["a@example.com"], "from": "b@example.com", "subject": "s", "text": "t"}',
+        headers={**AUTH, "Content-Type": "application/vnd.api+json; charset=utf-8"},
+    )
+    assert reply.status_code == 201, reply.text
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_422_not_500(client: TestClient, number: bytes) -> None:
+    """JSON has no NaN; an input echoed back in a 422 must not be one either."""
+    create = b'{"to": ["a@example.com"], "subject": "s", "text": "t", "metadata": {"n": %s}}'
+    replies = [
+        client.post("/v1/emails", content=create % number, headers=AUTH_JSON),
+        client.patch("/v1/emails/x", content=b'{"send_at": %s}' % number, headers=AUTH_JSON),
+    ]
+    for reply in replies:
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["detail"]
+
+
+def test_an_unauthenticated_create_is_401_before_its_body_is_read(client: TestClient) -> None:
+    reply = client.post("/v1/emails", content=b"{", headers={"Content-Type": "application/json"})
+    assert reply.status_code == 401
 
 
 # --- auth and ownership ----------------------------------------------------------------
