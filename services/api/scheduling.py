@@ -1,9 +1,11 @@
 """The write side of the API: each call is one transaction, then a best-effort nudge.
 
 Emails and their outbox rows are written in the same unit of work, so a 201 means both
-are committed and a failure leaves neither. Only after the commit, when something falls
-due before the relay's next poll, is the relay woken through Redis; that wake-up may be
-lost (Redis down) and the poll still finds the row.
+are committed and a failure leaves neither (a create without an Idempotency-Key shares
+its transaction with the creates in flight with it: ``services.api.group_commit``).
+Only after the commit, when something falls due before the relay's next poll, is the
+relay woken through Redis; that wake-up may be lost (Redis down) and the poll still
+finds the row.
 """
 
 from __future__ import annotations
