@@ -136,17 +136,9 @@ class GroupCommit:
             log.warning(
                 "a group of %d creates failed (%s); writing each alone", len(group), exc.orig
             )
-            return [self._write_alone(creation) for creation in group]
+            return [self._write([creation])[0] for creation in group]
         self._after(group)
         return list(written)
-
-    def _write_alone(self, creation: Creation) -> Rows | Exception:
-        try:
-            rows = transaction(self._engine, lambda conn: emails.create_many(conn, [creation]))
-        except DBAPIError as exc:
-            return exc
-        self._after([creation])
-        return rows[0]
 
     def _after(self, creations: Sequence[Creation]) -> None:
         try:

@@ -66,7 +66,7 @@ def message_id_for(email_id: str, from_addr: str) -> str:
 
 def create(conn: Connection, owner: str, items: Sequence[NewEmail], now: datetime) -> list[str]:
     """Insert the emails and their first outbox rows: both or neither, with the caller's commit."""
-    return [row["id"] for row in create_rows(conn, owner, items, now)]
+    return [row["id"] for row in create_many(conn, [Creation(owner, items, now)])[0]]
 
 
 # A new email's columns (the rest keep their defaults: _UNSET). Driver SQL, not
@@ -80,14 +80,6 @@ _INSERT = (
 )
 
 
-def create_rows(
-    conn: Connection, owner: str, items: Sequence[NewEmail], now: datetime
-) -> list[dict[str, Any]]:
-    """``create``, returning each email's columns as written (what a read-back would
-    return, without the round trip: the API answers a create from these)."""
-    return create_many(conn, [Creation(owner, items, now)])[0]
-
-
 @dataclass(frozen=True, slots=True)
 class Creation:
     """One request's emails: whose, which, and the time it was received."""
@@ -98,8 +90,9 @@ class Creation:
 
 
 def create_many(conn: Connection, creations: Sequence[Creation]) -> list[list[dict[str, Any]]]:
-    """``create_rows`` for several requests in the same two statements: each request's
-    emails as written, in order."""
+    """``create`` for several requests in the same two statements, returning each
+    request's emails with their columns as written (what a read-back would return,
+    without the round trip: the API answers a create from these), in order."""
     written: list[list[dict[str, Any]]] = []
     bound: list[tuple[Any, ...]] = []
     entries: list[outbox.Entry] = []

@@ -38,7 +38,7 @@ class Entry:
     fire_at: datetime
 
 
-# Driver SQL, like every statement written once per email (see emails.create_rows).
+# Driver SQL, like every statement written once per email (see emails.create_many).
 _ADD = "INSERT INTO outbox (email_id, version, fire_at, available_at) VALUES (%s, %s, %s, %s)"
 
 

@@ -64,7 +64,7 @@ def hold_first_request(
     request = EmailRequest.model_validate(body).to_new_email("scheduler@example.com")
 
     def work(conn: Connection) -> list[dict[str, Any]]:
-        rows = emails.create_rows(conn, OWNER, [request], datetime.now(UTC))
+        (rows,) = emails.create_many(conn, [emails.Creation(OWNER, [request], datetime.now(UTC))])
         inside.set()
         assert release.wait(30)
         if fail:

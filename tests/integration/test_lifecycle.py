@@ -527,7 +527,7 @@ def test_a_released_email_is_due_again_without_using_an_attempt(db: Engine) -> N
         assert conn.execute(sa.select(sa.func.count()).select_from(attempts)).scalar_one() == 0
 
 
-def test_create_rows_return_exactly_what_a_read_back_gives(db: Engine) -> None:
+def test_created_rows_are_exactly_what_a_read_back_gives(db: Engine) -> None:
     """The API answers a create from these values, without reading the rows back."""
     full = NewEmail(
         to=["Ann <ann@example.com>", "bo@example.com"],
@@ -545,7 +545,9 @@ def test_create_rows_return_exactly_what_a_read_back_gives(db: Engine) -> None:
     now = datetime.now(UTC)
     past = new_email(now - timedelta(minutes=5))  # due now, not at its send_at
     with unit_of_work(db) as conn:
-        written = emails.create_rows(conn, OWNER, [full, new_email(), past], now)
+        (written,) = emails.create_many(
+            conn, [emails.Creation(OWNER, [full, new_email(), past], now)]
+        )
     with db.connect() as conn:
         for row in written:
             stored = conn.execute(sa.select(emails_table).where(emails_table.c.id == row["id"]))
