@@ -195,11 +195,7 @@ def test_bad_input_is_422_and_stores_nothing(
 
 
 def test_malformed_json_is_422(client: TestClient) -> None:
-    reply = client.post(
-        "/v1/emails",
-        content=b'{"to": [',
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    reply = client.post("/v1/emails", content=b'{"to": [', headers=AUTH_JSON)
     assert reply.status_code == 422
     (error,) = reply.json()["detail"]
     assert error["type"] == "json_invalid"
