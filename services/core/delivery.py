@@ -94,7 +94,28 @@ _CLAIM = (
         updated_at=sa.bindparam("b_now", type_=UTCDateTime()),
     )
 )
-_CLAIMED = sa.select(emails).where(
+# What a delivery reads of a claimed email: what its message is composed of and what its
+# record is computed from - not the caller's metadata (up to 50 keys, never sent), nor
+# the owner or the timestamps only the API shows. ``Claim.row`` of a claimed email has
+# these columns.
+DELIVERY_COLUMNS: tuple[sa.Column[Any], ...] = (
+    emails.c.id,
+    emails.c.version,
+    emails.c.attempts,
+    emails.c.due_at,
+    emails.c.sent_at,
+    emails.c.message_id,
+    emails.c.from_addr,
+    emails.c.reply_to,
+    emails.c.to_addrs,
+    emails.c.cc_addrs,
+    emails.c.bcc_addrs,
+    emails.c.subject,
+    emails.c.headers,
+    emails.c.text_body,
+    emails.c.html_body,
+)
+_CLAIMED = sa.select(*DELIVERY_COLUMNS).where(
     emails.c.id.in_(sa.bindparam("b_ids", expanding=True)),
     emails.c.claim_token == sa.bindparam("b_token", type_=sa.String()),
 )
@@ -228,7 +249,8 @@ def _take(
     conn.execute(emails.update().where(emails.c.id == row.id).values(**values))
     outbox.add(conn, [_recovery(row.id, row.version + 1, lease_until)])
     return Claim(
-        ClaimStatus.CLAIMED, conn.execute(sa.select(emails).where(emails.c.id == row.id)).one()
+        ClaimStatus.CLAIMED,
+        conn.execute(sa.select(*DELIVERY_COLUMNS).where(emails.c.id == row.id)).one(),
     )
 
 

@@ -3,6 +3,7 @@ service relies on, tested below the services."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from services.core import emails, outbox
 from services.core.db import db_now, transaction, unit_of_work
 from services.core.delivery import (
+    DELIVERY_COLUMNS,
     LEAD,
     Claim,
     ClaimStatus,
@@ -505,6 +507,34 @@ def test_a_batch_claims_each_email_once_whatever_copies_it_holds(db: Engine) -> 
         ClaimStatus.GONE,
     ]
     assert email_row(db, second).version == 3
+
+
+def test_a_claimed_row_holds_what_a_delivery_reads_and_not_the_metadata(db: Engine) -> None:
+    """Whichever way an email is claimed - in the batch's UPDATE, or alone after a stale
+    copy held the batch's version - its row has the columns a delivery is composed and
+    recorded from; the caller's metadata (up to 50 keys) never goes to the worker."""
+    heavy = dataclasses.replace(new_email(), metadata={f"k{i}": "v" * 512 for i in range(50)})
+    with unit_of_work(db) as conn:
+        together, alone = emails.create(conn, OWNER, [heavy, heavy], datetime.now(UTC))
+    batch = [
+        DeliveryMessage(together, 1),
+        DeliveryMessage(alone, 0),  # a stale copy first: the batch UPDATE misses ...
+        DeliveryMessage(alone, 1),  # ... and the current one is taken on its own
+    ]
+    with unit_of_work(db) as conn:
+        claims = claim_batch(
+            conn, batch, now=datetime.now(UTC) + timedelta(seconds=1), lease=LEASE, max_attempts=5
+        )
+    assert [c.status for c in claims] == [
+        ClaimStatus.CLAIMED,
+        ClaimStatus.STALE,
+        ClaimStatus.CLAIMED,
+    ]
+    wanted = [column.name for column in DELIVERY_COLUMNS]
+    for claimed in (claims[0], claims[2]):
+        assert claimed.row is not None
+        assert list(claimed.row._fields) == wanted
+        assert "metadata" not in wanted
 
 
 def test_a_released_email_is_due_again_without_using_an_attempt(db: Engine) -> None:
