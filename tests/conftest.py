@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.core.broker import connection_parameters, dead_letter_queue
-from services.core.db import create_db_engine
+from services.core.db import KeptConnection, create_db_engine
 from services.core.migrate import migrate
 from services.core.schema import metadata
 from services.core.settings import Settings
@@ -49,6 +49,23 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = create_db_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def worker_engine(database_url: str) -> Iterator[Engine]:
+    """The run's database as the worker connects to it: a query may hold several
+    statements (a record and its COMMIT, ``KeptConnection.commit``)."""
+    engine = create_db_engine(database_url, multi_statements=True)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def records(worker_engine: Engine) -> Iterator[KeptConnection]:
+    """The connection a worker records outcomes on (``delivery.record``)."""
+    kept = KeptConnection(worker_engine)
+    yield kept
+    kept.release()
 
 
 @pytest.fixture

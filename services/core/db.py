@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from pymysql.constants import CLIENT
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
@@ -36,15 +36,25 @@ CONNECTION_CODES = frozenset({2003, 2006, 2013, 2014, 2055, 1927, 1053, 1077, 10
 
 
 def create_db_engine(
-    url: str, *, pool_size: int = 5, statement_timeout: int = 30, pre_ping: bool = True
+    url: str,
+    *,
+    pool_size: int = 5,
+    statement_timeout: int = 30,
+    pre_ping: bool = True,
+    multi_statements: bool = False,
 ) -> Engine:
     """An engine for MySQL 8 / MariaDB: UTC session, READ COMMITTED, bounded timeouts.
 
     READ COMMITTED because concurrent ``SKIP LOCKED`` claimers deadlock under REPEATABLE
     READ's gap locks; nothing here relies on repeatable snapshots. ``pre_ping`` costs a
     round trip per checkout; the relay and the worker, which retry any transaction that
-    meets a dead connection anyway, go without it.
+    meets a dead connection anyway, go without it. ``multi_statements`` lets one query
+    hold several statements, which ``KeptConnection.commit`` needs; only the worker's
+    engine has it (elsewhere a query is one statement, whatever its text).
     """
+    # SQLAlchemy's MySQL dialects always ask for FOUND_ROWS (an UPDATE's rowcount counts
+    # the rows it matched); a client_flag given here replaces theirs, so it says so too.
+    flags = {"client_flag": CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS} if multi_statements else {}
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
@@ -60,6 +70,7 @@ def create_db_engine(
             "write_timeout": statement_timeout,
             "init_command": "SET time_zone = '+00:00', innodb_lock_wait_timeout = 10",
             "charset": "utf8mb4",
+            **flags,
         },
     )
     _reset_after_errors(engine)
@@ -94,28 +105,59 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
 
 
 class KeptConnection:
-    """One connection kept for a run of short units of work - a worker's records, one
-    per email sent - instead of a checkout from the pool and a return for each (a fifth
-    of a record's client time). ``release`` gives it back to the pool. An error drops it,
-    so the next unit of work starts on a fresh connection. Not for concurrent use: one
-    thread at a time."""
+    """One connection kept for a run of short transactions - a worker's records, one per
+    email sent - each sent together with its COMMIT: one round trip per transaction
+    instead of one per statement and one more for the COMMIT. The engine must have been
+    made with ``multi_statements``. ``release`` gives the connection back to the pool; an
+    error drops it (the server rolls back what ran of the transaction), so the next
+    transaction starts on a fresh connection. Not for concurrent use: one thread at a time.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Connection | None = None
 
-    @contextmanager
-    def unit_of_work(self) -> Iterator[Connection]:
-        """As ``unit_of_work(engine)``, on the kept connection."""
+    def commit(self, statements: str, params: Mapping[str, Any], *, attempts: int = 5) -> int:
+        """Run ``statements`` (separated by ``;``, driver placeholders ``%(name)s``) and
+        COMMIT, in one round trip; the first statement's rowcount. Deadlocks and lock-wait
+        timeouts are retried, as by ``transaction``; other errors are raised as SQLAlchemy
+        raises them (``is_unavailable`` reads them the same way)."""
+        script = f"{statements};COMMIT"
+        return _retrying(lambda: self._run(script, params), attempts)
+
+    def _run(self, script: str, params: Mapping[str, Any]) -> int:
         if self._conn is None:
-            self._conn = self._engine.connect()
+            self._conn = self._engine.connect()  # (its errors come as SQLAlchemy's)
         conn = self._conn
+        dialect = self._engine.dialect
+        # Straight to the driver: SQLAlchemy would begin a transaction of its own and end
+        # it with a COMMIT of its own, a second round trip. It never begins one here.
+        dbapi_conn = conn.connection.dbapi_connection
         try:
-            with conn.begin():
-                yield conn
-        except BaseException:
-            self.release()
-            raise
+            cursor = conn.connection.cursor()
+            cursor.execute(script, params)
+            rowcount = cursor.rowcount
+            while cursor.nextset():  # every statement's answer: an error stops the rest
+                pass
+            cursor.close()
+        except BaseException as exc:  # the connection goes, with whatever is left unread
+            self._conn = None
+            error = exc if isinstance(exc, dialect.loaded_dbapi.Error) else None
+            lost = error is not None and dialect.is_disconnect(error, dbapi_conn, None)
+            with contextlib.suppress(SQLAlchemyError):
+                conn.invalidate(error)
+                conn.close()
+            if error is None:
+                raise
+            raise DBAPIError.instance(
+                script,
+                dict(params),
+                error,
+                dialect.loaded_dbapi.Error,
+                connection_invalidated=lost,
+                dialect=dialect,
+            ) from exc
+        return int(rowcount)
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
@@ -124,15 +166,20 @@ class KeptConnection:
                 conn.close()
 
 
-def transaction(
-    on: Engine | KeptConnection, work: Callable[[Connection], T], *, attempts: int = 5
-) -> T:
+def transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 5) -> T:
     """Run ``work`` in a unit of work, retrying deadlocks and lock-wait timeouts."""
-    begin = on.unit_of_work if isinstance(on, KeptConnection) else partial(unit_of_work, on)
+
+    def once() -> T:
+        with unit_of_work(engine) as conn:
+            return work(conn)
+
+    return _retrying(once, attempts)
+
+
+def _retrying(run: Callable[[], T], attempts: int) -> T:
     for attempt in range(1, attempts + 1):
         try:
-            with begin() as conn:
-                return work(conn)
+            return run()
         except DBAPIError as exc:
             if error_code(exc) not in RETRYABLE_CODES or attempt == attempts:
                 raise

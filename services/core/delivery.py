@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from services.core import outbox
+from services.core.db import KeptConnection
 from services.core.messages import DeliveryMessage
 from services.core.schema import UTCDateTime, attempts, db_time, emails
 
@@ -261,31 +262,42 @@ def _recovery(email_id: str, version: int, lease_until: datetime) -> outbox.Entr
     return outbox.Entry(email_id, version, lease_until + LEAD)
 
 
-# The worker records every email in a transaction of its own, so these two statements run
-# once per email sent. They go to the driver as SQL text: SQLAlchemy's Core path for them
-# (statement cache, bind processors, the insert's primary-key bookkeeping) cost a worker
-# more than the round trips themselves - a record's client time 175 -> 120 us.
+# The worker records every email in a transaction of its own, so these statements run
+# once per email sent. They are driver SQL, sent with the COMMIT in one round trip
+# (``KeptConnection.commit``): SQLAlchemy's Core path for them (statement cache, bind
+# processors, the insert's primary-key bookkeeping) cost a worker more than the round
+# trips themselves - a record's client time 175 -> 120 us - and one round trip instead
+# of three (UPDATE, INSERT, COMMIT) took a worker from ~680 to ~830 deliveries/s here.
+# What the UPDATE found decides the rest: ``@owned`` carries its rowcount to the
+# statements after it.
 _RECORD = (
     "UPDATE emails SET status = %(status)s, version = %(new_version)s, due_at = %(due_at)s,"
     " attempts = %(attempts)s, lease_until = NULL, sent_at = %(sent_at)s,"
     " last_error = %(last_error)s, updated_at = %(updated_at)s"
     " WHERE id = %(id)s AND version = %(version)s AND status = 'sending'"
 )
+_OWNED = "SET @owned = ROW_COUNT()"
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome, smtp_code, error)"
-    " VALUES (%(email_id)s, %(number)s, %(started_at)s, %(finished_at)s, %(outcome)s,"
-    " %(smtp_code)s, %(error)s)"
+    " VALUES (%(a_email_id)s, %(a_number)s, %(a_started_at)s, %(a_finished_at)s, %(a_outcome)s,"
+    " %(a_smtp_code)s, %(a_error)s)"
+)
+_INSERT_ATTEMPT_IF_OWNED = (
+    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome, smtp_code, error)"
+    " SELECT %(a_email_id)s, %(a_number)s, %(a_started_at)s, %(a_finished_at)s, %(a_outcome)s,"
+    " %(a_smtp_code)s, %(a_error)s FROM DUAL WHERE @owned > 0"
 )
 
 
 def record(
-    conn: Connection,
+    kept: KeptConnection,
     row: Row[Any],
     result: Outcome,
     *,
     discard: Sequence[tuple[str, int]] | None = None,
 ) -> bool:
-    """Record one attempt and the email's new status; drop recovery outbox rows.
+    """Record one attempt and the email's new status, drop recovery outbox rows, and
+    commit: one transaction, one round trip.
 
     One email per transaction, on purpose: between the SMTP server's 250 and this commit
     a crash duplicates the email, and recording each send at once keeps that window to
@@ -297,6 +309,16 @@ def record(
     by default the email's own. A recovery row outliving its record is harmless (its
     message, when the lease ends, finds a newer version or a finished email and is
     dropped), so a worker recording a batch drops them all with the batch's last record.
+    """
+    statements, params = record_statements(row, result, discard=discard)
+    return kept.commit(";".join(statements), params) > 0
+
+
+def record_statements(
+    row: Row[Any], result: Outcome, *, discard: Sequence[tuple[str, int]] | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """``record``'s statements, in order, and their parameters (the first statement's
+    rowcount says whether the worker still owned the email).
 
     Every column the UPDATE sets is computed from ``row``: the version condition makes
     the claimed row the row being updated.
@@ -304,28 +326,32 @@ def record(
     sent = result.outcome == "sent"
     retry_at = None if sent else result.retry_at  # set: pending again, due at retry_at
     status = "sent" if sent else ("pending" if retry_at else "failed")
-    owned = conn.exec_driver_sql(
-        _RECORD,
-        {
-            "id": row.id,
-            "version": row.version,
-            "status": status,
-            "new_version": row.version + 1 if retry_at else row.version,
-            "due_at": db_time(retry_at or row.due_at),
-            "attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
-            "sent_at": db_time(result.finished_at if sent else row.sent_at),
-            "last_error": None if sent else _describe(result),
-            "updated_at": db_time(result.finished_at),
-        },
-    ).rowcount
-    outbox.discard_versions(conn, [(row.id, row.version)] if discard is None else discard)
-    if not owned:
-        return False
+    params: dict[str, Any] = {
+        "id": row.id,
+        "version": row.version,
+        "status": status,
+        "new_version": row.version + 1 if retry_at else row.version,
+        "due_at": db_time(retry_at or row.due_at),
+        "attempts": row.attempts - 1 if result.outcome == "released" else row.attempts,
+        "sent_at": db_time(result.finished_at if sent else row.sent_at),
+        "last_error": None if sent else _describe(result),
+        "updated_at": db_time(result.finished_at),
+    }
+    statements = [_RECORD, _OWNED]
+    drop, drop_params = outbox.discard_versions(
+        [(row.id, row.version)] if discard is None else discard
+    )
+    if drop:
+        statements.append(drop)
+        params.update(drop_params)
     if result.outcome != "released":
-        _insert_attempt(conn, row, result)
+        statements.append(_INSERT_ATTEMPT_IF_OWNED)
+        params.update(_attempt_params(row, result))
     if retry_at is not None:
-        outbox.add(conn, [outbox.Entry(row.id, row.version + 1, retry_at)])
-    return True
+        add, add_params = outbox.add_if_owned(outbox.Entry(row.id, row.version + 1, retry_at))
+        statements.append(add)
+        params.update(add_params)
+    return statements, params
 
 
 def recorded_before(conn: Connection, row: Row[Any], result: Outcome) -> bool:
@@ -361,15 +387,16 @@ def _describe(result: Outcome) -> str:
 
 
 def _insert_attempt(conn: Connection, row: Row[Any], result: Outcome) -> None:
-    conn.exec_driver_sql(
-        _INSERT_ATTEMPT,
-        {
-            "email_id": row.id,
-            "number": row.attempts,
-            "started_at": db_time(result.started_at),
-            "finished_at": db_time(result.finished_at),
-            "outcome": result.outcome,
-            "smtp_code": result.smtp_code,
-            "error": None if result.error is None else result.error[:2000],
-        },
-    )
+    conn.exec_driver_sql(_INSERT_ATTEMPT, _attempt_params(row, result))
+
+
+def _attempt_params(row: Row[Any], result: Outcome) -> dict[str, Any]:
+    return {
+        "a_email_id": row.id,
+        "a_number": row.attempts,
+        "a_started_at": db_time(result.started_at),
+        "a_finished_at": db_time(result.finished_at),
+        "a_outcome": result.outcome,
+        "a_smtp_code": result.smtp_code,
+        "a_error": None if result.error is None else result.error[:2000],
+    }

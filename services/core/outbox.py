@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -192,7 +193,6 @@ def release(conn: Connection, ids: Iterable[int], *, available_at: datetime, err
 _DISCARD_PENDING = outbox.delete().where(
     outbox.c.email_id == sa.bindparam("b_email_id"), outbox.c.published_at.is_(None)
 )
-_DISCARD_VERSION = _DISCARD_PENDING.where(outbox.c.version == sa.bindparam("b_version"))
 
 
 def discard_pending(conn: Connection, email_id: str) -> None:
@@ -200,21 +200,49 @@ def discard_pending(conn: Connection, email_id: str) -> None:
     conn.execute(_DISCARD_PENDING, {"b_email_id": email_id})
 
 
-def discard_versions(conn: Connection, versions: Sequence[tuple[str, int]]) -> None:
-    """Drop the unpublished rows of these (email id, version) pairs in one statement: the
-    recovery rows of the emails a worker recorded (one, or a batch's worth)."""
+# A worker's record is one script of driver SQL, sent with its COMMIT (delivery.record):
+# these are its outbox statements, each with its parameters (named ``o_...``).
+
+
+def discard_versions(versions: Sequence[tuple[str, int]]) -> tuple[str | None, dict[str, Any]]:
+    """The statement dropping the unpublished rows of these (email id, version) pairs:
+    the recovery rows of the emails a worker recorded (one, or a batch's worth)."""
+    if not versions:
+        return None, {}
     # One pair - the worker's most common call - by equality: MariaDB does not
     # range-scan a row constructor with a single pair, it scans the table.
     if len(versions) == 1:
         ((email_id, version),) = versions
-        conn.execute(_DISCARD_VERSION, {"b_email_id": email_id, "b_version": version})
-    elif versions:
-        conn.execute(
-            outbox.delete().where(  # a range scan of the email_id index, MySQL and MariaDB
-                sa.tuple_(outbox.c.email_id, outbox.c.version).in_(list(versions)),
-                outbox.c.published_at.is_(None),
-            )
+        return (
+            "DELETE FROM outbox WHERE email_id = %(o_email_id)s AND version = %(o_version)s"
+            " AND published_at IS NULL",
+            {"o_email_id": email_id, "o_version": version},
         )
+    params: dict[str, Any] = {}
+    for index, (email_id, version) in enumerate(versions):
+        params[f"o_email_id{index}"] = email_id
+        params[f"o_version{index}"] = version
+    pairs = ", ".join(f"(%(o_email_id{i})s, %(o_version{i})s)" for i in range(len(versions)))
+    return (  # a range scan of the email_id index, MySQL and MariaDB
+        f"DELETE FROM outbox WHERE (email_id, version) IN ({pairs})"  # noqa: S608 (placeholders)
+        " AND published_at IS NULL",
+        params,
+    )
+
+
+def add_if_owned(entry: Entry) -> tuple[str, dict[str, Any]]:
+    """The statement writing ``entry`` if the record's UPDATE found the email it claimed
+    (``@owned``, set by the statement before it in ``delivery.record``)."""
+    return (
+        "INSERT INTO outbox (email_id, version, fire_at, available_at)"
+        " SELECT %(o_add_email_id)s, %(o_add_version)s, %(o_add_fire_at)s, %(o_add_fire_at)s"
+        " FROM DUAL WHERE @owned > 0",
+        {
+            "o_add_email_id": entry.email_id,
+            "o_add_version": entry.version,
+            "o_add_fire_at": db_time(entry.fire_at),
+        },
+    )
 
 
 def publish_attempts(conn: Connection, ids: Iterable[int]) -> dict[int, int]:

@@ -277,7 +277,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop.request)
     signal.signal(signal.SIGINT, stop.request)
 
-    engine = create_db_engine(settings.database_url.get_secret_value(), pool_size=2, pre_ping=False)
+    engine = create_db_engine(
+        settings.database_url.get_secret_value(), pool_size=2, pre_ping=False, multi_statements=True
+    )
     fastpath = FastPath(settings.redis_url.get_secret_value(), namespace=settings.email_queue)
     sender = SmtpSender(settings)
     worker = Worker(settings, engine, sender, fastpath)

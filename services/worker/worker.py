@@ -148,7 +148,8 @@ class Worker:
         self._smtp_down = False
         self._learned: dict[str, int] = {}  # versions recorded in this batch, for Redis
         # Commits each send's record while the next email's transaction is begun, on a
-        # connection kept for the batch (the retries on this thread come after its try).
+        # connection kept for the batch (the retries on this thread come after its try):
+        # the engine must let one query hold several statements (``multi_statements``).
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
         self._records = KeptConnection(engine)
 
@@ -341,25 +342,23 @@ class Worker:
         """One transaction committing the outcome (the first runs on the recorder thread):
         whether this worker still owned the email, and the outcome as written."""
         row, attempt = done.row, done.attempt
-
-        def work(conn: Connection) -> tuple[bool, Outcome]:
-            # The database clock is read only when a retry must be scheduled by it.
-            now = done.finished_at if attempt.outcome == "sent" else db_now(conn)
-            outcome = Outcome(
-                attempt.outcome,
-                started_at=done.started_at,
-                finished_at=done.finished_at,
-                smtp_code=attempt.smtp_code,
-                error=attempt.error,
-                retry_at=self._retry_at(row, attempt, now),
+        outcome = Outcome(
+            attempt.outcome,
+            started_at=done.started_at,
+            finished_at=done.finished_at,
+            smtp_code=attempt.smtp_code,
+            error=attempt.error,
+            retry_at=self._retry_at(row, attempt, done.finished_at),
+        )
+        recorded = delivery.record(self._records, row, outcome, discard=done.discard)
+        if not recorded and retrying:
+            landed = transaction(
+                self._engine, lambda conn: delivery.recorded_before(conn, row, outcome)
             )
-            recorded = delivery.record(conn, row, outcome, discard=done.discard)
-            if not recorded and retrying and delivery.recorded_before(conn, row, outcome):
+            if landed:
                 log.info("email %s: the record had landed; its answer was lost", row.id)
                 recorded = True
-            return recorded, outcome
-
-        return transaction(self._records, work)
+        return recorded, outcome
 
     def _record(
         self,
@@ -423,7 +422,8 @@ class Worker:
         )
 
     def _retry_at(self, row: Row[Any], attempt: _Attempt, now: datetime) -> datetime | None:
-        """When to try again after a transient error; None when attempts are spent."""
+        """When to try again after a transient error; None when attempts are spent.
+        ``now`` is when the attempt finished, by the database clock (``_Clock``)."""
         if attempt.outcome == "released":
             return now + timedelta(seconds=RELEASE_DELAY_SECONDS)
         if attempt.outcome != "transient_error" or row.attempts >= self._settings.max_attempts:

@@ -19,10 +19,10 @@ from services.core.db import (
     KeptConnection,
     create_db_engine,
     is_unavailable,
-    transaction,
     unit_of_work,
 )
 from services.core.schema import attempts
+from tests.support.queries import QueryLog
 
 
 @pytest.fixture
@@ -138,57 +138,80 @@ def test_a_connection_an_error_left_in_doubt_is_rolled_back_on_return(
     assert _rows(db) == 0
 
 
-# --- KeptConnection: one connection for a run of units of work ---------------------------
+# --- KeptConnection: one connection, a transaction per round trip ------------------------
+
+_TWO_ATTEMPTS = (
+    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome)"
+    " VALUES (%(first)s, 1, UTC_TIMESTAMP(), UTC_TIMESTAMP(), 'sent');"
+    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome)"
+    " VALUES (%(second)s, 1, UTC_TIMESTAMP(), UTC_TIMESTAMP(), 'sent')"
+)
 
 
-def test_a_kept_connection_serves_each_unit_of_work_until_released(
-    one_connection: Engine, db: Engine
+@pytest.fixture
+def one_multi(database_url: str, db: Engine) -> Iterator[tuple[Engine, QueryLog]]:
+    """A multi-statement engine with one pooled connection, and what it sends MySQL."""
+    engine = create_db_engine(database_url, pool_size=1, multi_statements=True)
+    engine.pool._max_overflow = 0  # type: ignore[attr-defined]
+    with QueryLog(engine) as log:
+        yield engine, log
+    engine.dispose()
+
+
+def test_a_kept_connection_commits_each_transaction_in_one_round_trip_until_released(
+    one_multi: tuple[Engine, QueryLog], db: Engine
 ) -> None:
-    kept = KeptConnection(one_connection)
-    ids = set()
+    engine, log = one_multi
+    kept = KeptConnection(engine)
     for n in range(3):
-        with kept.unit_of_work() as conn:
-            ids.add(_session(conn)[0])
-            conn.execute(attempts.insert().values(**_attempt(f"kept-{n}")))
-            assert one_connection.pool.checkedout() == 1  # type: ignore[attr-defined]
-        assert one_connection.pool.checkedout() == 1  # type: ignore[attr-defined]
-    (conn_id,) = ids
-    assert _rows(db) == 3  # each unit committed as it ended
+        before = len(log.queries)
+        assert kept.commit(_TWO_ATTEMPTS, {"first": f"a-{n}", "second": f"b-{n}"}) == 1
+        assert len(log.queries) - before == 1  # both statements and the COMMIT: one query
+        assert _rows(db) == 2 * (n + 1)  # committed, seen from another connection
+    (conn_id,) = log.checkouts  # one checkout served all three
     assert _open_transactions(db, conn_id) == 0
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     kept.release()
-    assert one_connection.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     kept.release()  # twice is harmless
 
 
 def test_a_kept_connection_is_dropped_after_an_error_and_replaced(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """A transaction whose second statement fails leaves nothing of its first and gives
+    its connection up; the next one runs on a fresh connection - also when the server
+    killed the old one meanwhile. The errors are SQLAlchemy's, read as everywhere else."""
+    engine, log = one_multi
+    checkouts = log.checkouts
+    kept = KeptConnection(engine)
+    with pytest.raises(sa.exc.IntegrityError) as duplicate:
+        kept.commit(_TWO_ATTEMPTS, {"first": "twice", "second": "twice"})
+    assert not is_unavailable(duplicate.value)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _rows(db) == 0
+    assert _open_transactions(db, checkouts[-1]) == 0
+
+    assert kept.commit(_TWO_ATTEMPTS, {"first": "a", "second": "b"}) == 1
+    assert len(set(checkouts)) == 2
+    with db.connect() as admin:
+        admin.execute(sa.text(f"KILL CONNECTION {checkouts[-1]}"))
+    with pytest.raises(sa.exc.OperationalError) as lost:
+        kept.commit(_TWO_ATTEMPTS, {"first": "c", "second": "d"})
+    assert is_unavailable(lost.value)
+    assert kept.commit(_TWO_ATTEMPTS, {"first": "e", "second": "f"}) == 1
+    assert len(set(checkouts)) == 3
+    kept.release()
+    assert _rows(db) == 4
+
+
+def test_an_engine_without_multi_statements_runs_one_statement_a_query(
     one_connection: Engine, db: Engine
 ) -> None:
-    """A unit of work that fails rolls back and gives its connection up; the next one
-    runs on a fresh connection - also when the server killed the old one meanwhile."""
+    """Only the worker's engine lets a query hold several statements: elsewhere a second
+    statement, however it got into the text, is a syntax error and nothing runs."""
     kept = KeptConnection(one_connection)
-    seen: list[int] = []
-
-    def insert_twice(conn: Connection) -> None:
-        seen.append(_session(conn)[0])
-        conn.execute(attempts.insert().values(**_attempt("twice")))
-        conn.execute(attempts.insert().values(**_attempt("twice")))
-
-    with pytest.raises(sa.exc.IntegrityError):
-        transaction(kept, insert_twice)
-    (conn_id,) = seen
-    assert one_connection.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert _rows(db) == 0
-    assert _open_transactions(db, conn_id) == 0
-
-    with kept.unit_of_work() as conn:
-        conn_id, _ = _session(conn)
-    with db.connect() as admin:
-        admin.execute(sa.text(f"KILL CONNECTION {conn_id}"))
-    with pytest.raises(sa.exc.OperationalError) as failed:
-        transaction(kept, lambda conn: conn.execute(attempts.insert().values(**_attempt("x"))))
-    assert is_unavailable(failed.value)
-    assert transaction(kept, lambda conn: _session(conn)[0]) != conn_id
-    with kept.unit_of_work() as conn:
-        conn.execute(attempts.insert().values(**_attempt("after")))
+    with pytest.raises(sa.exc.ProgrammingError):
+        kept.commit(_TWO_ATTEMPTS, {"first": "a", "second": "b"})
     kept.release()
-    assert _rows(db) == 1
+    assert _rows(db) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from services.core import emails, outbox
-from services.core.db import db_now, transaction, unit_of_work
+from services.core.db import KeptConnection, db_now, transaction, unit_of_work
 from services.core.delivery import (
     DELIVERY_COLUMNS,
     LEAD,
@@ -22,6 +23,7 @@ from services.core.delivery import (
     Outcome,
     claim_batch,
     record,
+    record_statements,
     recorded_before,
 )
 from services.core.emails import NewEmail
@@ -288,19 +290,19 @@ def claim_each(engine: Engine, email_ids: list[str], now: datetime) -> dict[str,
 
 
 def test_a_record_drops_the_recovery_rows_it_is_given_and_a_leftover_one_is_harmless(
-    db: Engine,
+    db: Engine, records: KeptConnection
 ) -> None:
     first_id, second_id = create(db, 2)
     now = datetime.now(UTC)
     claimed = claim_each(db, [first_id, second_id], now)
     first, second = claimed[first_id], claimed[second_id]
-    with unit_of_work(db) as conn:  # a batch's first record leaves its recovery row...
-        assert record(conn, first, Outcome("sent", now, now, smtp_code=250), discard=())
+    # a batch's first record leaves its recovery row...
+    assert record(records, first, Outcome("sent", now, now, smtp_code=250), discard=())
     assert [r.version for r in unpublished(db, first_id) if r.version == 2] == [2]
     retry_at = now + timedelta(seconds=30)
-    with unit_of_work(db) as conn:  # ... and the last drops both, but not a retry's row
-        outcome = Outcome("transient_error", now, now, smtp_code=451, retry_at=retry_at)
-        assert record(conn, second, outcome, discard=[(first_id, 2), (second_id, 2)])
+    # ... and the last drops both, but not a retry's row
+    outcome = Outcome("transient_error", now, now, smtp_code=451, retry_at=retry_at)
+    assert record(records, second, outcome, discard=[(first_id, 2), (second_id, 2)])
     assert [r.version for r in unpublished(db, first_id) if r.version > 1] == []
     assert [(r.version, r.fire_at) for r in unpublished(db, second_id) if r.version > 1] == [
         (3, retry_at)
@@ -310,8 +312,7 @@ def test_a_record_drops_the_recovery_rows_it_is_given_and_a_leftover_one_is_harm
     # the lease: the email is sent, so it is dropped - no second send.
     (third_id,) = create(db)
     third = claim_each(db, [third_id], now)[third_id]
-    with unit_of_work(db) as conn:
-        assert record(conn, third, Outcome("sent", now, now, smtp_code=250), discard=())
+    assert record(records, third, Outcome("sent", now, now, smtp_code=250), discard=())
     (leftover,) = [r for r in unpublished(db, third_id) if r.version == 2]
     assert leftover.fire_at == now + LEASE + LEAD
     with unit_of_work(db) as conn:
@@ -321,7 +322,9 @@ def test_a_record_drops_the_recovery_rows_it_is_given_and_a_leftover_one_is_harm
 
 
 @pytest.mark.parametrize("size", [1, 10, BATCH_MAX])
-def test_a_claim_and_its_records_find_their_rows_by_index(db: Engine, size: int) -> None:
+def test_a_claim_and_its_records_find_their_rows_by_index(
+    db: Engine, records: KeptConnection, size: int
+) -> None:
     """Every statement of a batch's claim and records reads its rows through an index,
     for a batch of one too: MariaDB does not range-scan a lone row constructor, so a
     single ``(id, version) IN`` pair alone would scan - and lock its way through - the
@@ -331,14 +334,18 @@ def test_a_claim_and_its_records_find_their_rows_by_index(db: Engine, size: int)
     now = datetime.now(UTC)
     ids = create(db, size)
     plans: list[tuple[str, str | None]] = []
+
+    def explain(cursor: Any, statement: str, parameters: Any) -> None:
+        if statement.lstrip().upper().startswith(("UPDATE", "DELETE", "SELECT")):
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.extend((statement.split(maxsplit=1)[0], row[3]) for row in cursor.fetchall())
+
     with db.connect() as conn:
 
         @sa.event.listens_for(conn, "before_cursor_execute", retval=True)
-        def explain(_c, cursor, statement, parameters, _ctx, many):  # type: ignore[no-untyped-def]
-            if many or not statement.lstrip().upper().startswith(("UPDATE", "DELETE", "SELECT")):
-                return statement, parameters
-            cursor.execute("EXPLAIN " + statement, parameters)
-            plans.extend((statement.split()[0], row[3]) for row in cursor.fetchall())
+        def explain_claim(_c, cursor, statement, parameters, _ctx, many):  # type: ignore[no-untyped-def]
+            if not many:
+                explain(cursor, statement, parameters)
             return statement, parameters
 
         with conn.begin():
@@ -349,19 +356,31 @@ def test_a_claim_and_its_records_find_their_rows_by_index(db: Engine, size: int)
                 lease=LEASE,
                 max_attempts=5,
             )
-            rows = [c.row for c in claims if c.row is not None]
-            for row in rows:
-                last = row is rows[-1]
-                discard = [(r.id, r.version) for r in rows] if last else ()
-                assert record(conn, row, Outcome("sent", now, now, smtp_code=250), discard=discard)
+    rows = [c.row for c in claims if c.row is not None]
     assert len(rows) == size
+    sent = Outcome("sent", now, now, smtp_code=250)
+    raw = db.raw_connection()
+    try:
+        for row in rows:
+            discard = [(r.id, r.version) for r in rows] if row is rows[-1] else ()
+            statements, params = record_statements(row, sent, discard=discard)
+            cursor = raw.cursor()
+            for statement in statements:
+                explain(cursor, statement, params)
+            cursor.close()
+            assert record(records, row, sent, discard=discard)
+    finally:
+        raw.close()
     # "ALL": a table scan, "index": a scan of a whole index.
     scans = [(statement, access) for statement, access in plans if access in ("ALL", "index")]
-    assert len(plans) >= 4, plans  # claim UPDATE + SELECT, a record's UPDATE + DELETE
+    kinds = [statement for statement, _ in plans]  # the claim's UPDATE, each record's, ...
+    assert (kinds.count("UPDATE"), kinds.count("DELETE")) == (1 + size, 1), plans
     assert not scans, plans
 
 
-def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -> None:
+def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(
+    db: Engine, records: KeptConnection
+) -> None:
     sent_id, retry_id, failed_id = create(db, 3)
     now = datetime.now(UTC)
     claimed = claim_each(db, [sent_id, retry_id, failed_id], now)
@@ -379,8 +398,7 @@ def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -
         failed_id: Outcome("permanent_error", now, now, smtp_code=550, error="no such user"),
     }
     for email_id, outcome in outcomes.items():
-        with unit_of_work(db) as conn:
-            assert record(conn, claimed[email_id], outcome)
+        assert record(records, claimed[email_id], outcome)
     sent, retry, failed = (email_row(db, i) for i in (sent_id, retry_id, failed_id))
 
     def versions(email_id: str) -> list[tuple[int, datetime]]:
@@ -404,7 +422,9 @@ def test_sent_retry_and_failed_are_recorded_with_their_outbox_rows(db: Engine) -
     )
 
 
-def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: Engine) -> None:
+def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(
+    db: Engine, records: KeptConnection
+) -> None:
     (email_id,) = create(db)
     now = datetime.now(UTC)
     with unit_of_work(db) as conn:
@@ -421,9 +441,9 @@ def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: 
     assert second.row is not None
     assert (second.row.attempts, second.row.version) == (2, 3)
     assert second.row.message_id == first.row.message_id
-    with unit_of_work(db) as conn:  # the first worker wakes up: its lease is gone
-        assert not record(conn, first.row, Outcome("sent", now, later, smtp_code=250))
-        assert record(conn, second.row, Outcome("sent", later, later, smtp_code=250))
+    # the first worker wakes up: its lease is gone
+    assert not record(records, first.row, Outcome("sent", now, later, smtp_code=250))
+    assert record(records, second.row, Outcome("sent", later, later, smtp_code=250))
     row = email_row(db, email_id)
     assert (row.status, row.attempts) == ("sent", 2)
     with db.connect() as conn:
@@ -433,7 +453,9 @@ def test_an_email_left_sending_by_a_dead_worker_is_taken_up_after_the_lease(db: 
     assert [tuple(h) for h in history] == [(1, "transient_error"), (2, "sent")]
 
 
-def test_a_retried_record_knows_its_first_commit_landed(db: Engine) -> None:
+def test_a_retried_record_knows_its_first_commit_landed(
+    db: Engine, records: KeptConnection
+) -> None:
     """The connection can drop after the commit and before its answer: the worker retries,
     finds the row no longer at the claimed version, and must tell "my record landed" from
     "the recovery path took the email over"."""
@@ -443,14 +465,15 @@ def test_a_retried_record_knows_its_first_commit_landed(db: Engine) -> None:
     finished = now + timedelta(milliseconds=150)
     sent = Outcome("sent", now, finished, smtp_code=250)
     released = Outcome("released", now, finished, error="smtp down", retry_at=finished)
-    with unit_of_work(db) as conn:
-        for email_id, outcome in ((sent_id, sent), (released_id, released)):
+    for email_id, outcome in ((sent_id, sent), (released_id, released)):
+        with unit_of_work(db) as conn:
             assert not recorded_before(conn, rows[email_id], outcome)
-            assert record(conn, rows[email_id], outcome)  # ... and the answer is lost
-    with unit_of_work(db) as conn:  # the retry
-        for email_id, outcome in ((sent_id, sent), (released_id, released)):
-            assert not record(conn, rows[email_id], outcome)
+        assert record(records, rows[email_id], outcome)  # ... and the answer is lost
+    for email_id, outcome in ((sent_id, sent), (released_id, released)):  # the retry
+        assert not record(records, rows[email_id], outcome)
+        with unit_of_work(db) as conn:
             assert recorded_before(conn, rows[email_id], outcome)
+    with unit_of_work(db) as conn:
         other = Outcome("sent", now, finished + timedelta(microseconds=1), smtp_code=250)
         assert not recorded_before(conn, rows[sent_id], other)  # not this attempt's record
     later = now + LEASE + timedelta(seconds=1)
@@ -458,8 +481,8 @@ def test_a_retried_record_knows_its_first_commit_landed(db: Engine) -> None:
         taken = claim(conn, lost_id, 2, now=later, lease=LEASE, max_attempts=5)
     assert taken.status is ClaimStatus.CLAIMED
     lost = Outcome("sent", now, finished, smtp_code=250)
+    assert not record(records, rows[lost_id], lost)
     with unit_of_work(db) as conn:
-        assert not record(conn, rows[lost_id], lost)
         assert not recorded_before(conn, rows[lost_id], lost)  # "outcome unknown" is not it
 
 
@@ -537,17 +560,17 @@ def test_a_claimed_row_holds_what_a_delivery_reads_and_not_the_metadata(db: Engi
         assert list(claimed.row._fields) == wanted
 
 
-def test_a_released_email_is_due_again_without_using_an_attempt(db: Engine) -> None:
+def test_a_released_email_is_due_again_without_using_an_attempt(
+    db: Engine, records: KeptConnection
+) -> None:
     (email_id,) = create(db)
     now = datetime.now(UTC)
     with unit_of_work(db) as conn:
         claimed = claim(conn, email_id, 1, now=now, lease=LEASE, max_attempts=5)
     assert claimed.row is not None
     retry_at = now + timedelta(seconds=1)
-    with unit_of_work(db) as conn:
-        assert record(
-            conn, claimed.row, Outcome("released", now, now, error="smtp down", retry_at=retry_at)
-        )
+    released = Outcome("released", now, now, error="smtp down", retry_at=retry_at)
+    assert record(records, claimed.row, released)
     row = email_row(db, email_id)
     assert (row.status, row.attempts, row.version, row.due_at) == ("pending", 0, 3, retry_at)
     assert [(r.version, r.fire_at) for r in unpublished(db, email_id) if r.version > 1] == [

@@ -42,6 +42,7 @@ from services.worker.smtp import SmtpSender
 from services.worker.worker import Decision, Worker
 from tests.support.pika_faults import slow_transport_setup
 from tests.support.proxy import FaultProxy
+from tests.support.queries import QueryLog
 from tests.support.smtp_sink import SmtpSink, free_port
 
 # tests/support/smtp_sink.py passes aiosmtpd's deprecated ``server_kwargs``
@@ -112,14 +113,14 @@ WorkerFactory = Callable[..., Worker]
 
 @pytest.fixture
 def make_worker(
-    settings: Settings, db: Engine, redis_client: redis.Redis
+    settings: Settings, db: Engine, worker_engine: Engine, redis_client: redis.Redis
 ) -> Iterator[WorkerFactory]:
     """Workers with their own SMTP connection; ``use_redis=False`` runs without the fast path."""
     senders: list[SmtpSender] = []
     fastpaths: list[FastPath] = []
     workers: list[Worker] = []
 
-    def make(use_redis: bool = True, engine: Engine = db, **changes: Any) -> Worker:
+    def make(use_redis: bool = True, engine: Engine = worker_engine, **changes: Any) -> Worker:
         worker_settings = settings.model_copy(update=changes)
         sender = SmtpSender(worker_settings)
         redis_url = settings.redis_url.get_secret_value() if use_redis else ""
@@ -385,7 +386,9 @@ def db_proxy(database_url: str) -> Iterator[tuple[FaultProxy, Engine]]:
     """A proxy the test can cut between a worker and MySQL, and an engine through it."""
     url = make_url(database_url)
     with FaultProxy(target_port=url.port or 3306) as proxy:
-        engine = create_db_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
+        engine = create_db_engine(
+            url.set(port=proxy.port).render_as_string(hide_password=False), multi_statements=True
+        )
         try:
             yield proxy, engine
         finally:
@@ -490,33 +493,22 @@ def test_no_send_is_finished_before_the_previous_one_is_recorded(
 
 
 def test_a_batch_drops_its_recovery_rows_in_one_statement_keeping_retries(
-    db: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+    db: Engine, worker_engine: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
 ) -> None:
-    """...and records its emails on one connection, given back to the pool at the end."""
+    """...and records its emails on one connection, given back to the pool at the end,
+    each record with its COMMIT in one query."""
     ids = [create_email(db, to=[f"n{i}@example.com"]) for i in range(5)]
     smtp_sink.script("n2@example.com", "451 4.3.0 later")
     batch = [relay(db, email_id).encode() for email_id in ids]
-    deletes: list[str] = []
-    checkouts: list[object] = []
-
-    def checkout(*args: Any) -> None:
-        checkouts.append(args)
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("DELETE FROM outbox"):
-            deletes.append(statement)
-
     worker = make_worker(use_redis=False)
-    sa.event.listen(db, "before_cursor_execute", count)
-    sa.event.listen(db.pool, "checkout", checkout)
-    try:
+    with QueryLog(worker_engine) as log:
         assert worker.handle_batch(batch) == [Decision.ACK] * 5
-    finally:
-        sa.event.remove(db, "before_cursor_execute", count)
-        sa.event.remove(db.pool, "checkout", checkout)
-    assert len(deletes) == 1, deletes
-    assert len(checkouts) == 2, checkouts  # the claim's, and the one all five records ran on
-    assert db.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert len(log.statements("DELETE FROM outbox")) == 1, log.queries
+    assert len(log.checkouts) == 2, log.checkouts  # the claim's, the one every record ran on
+    records = [(conn, sql) for conn, sql in log.queries if conn == log.checkouts[1]]
+    assert len(records) == 5
+    assert all(sql.startswith("UPDATE emails") and sql.endswith(";COMMIT") for _, sql in records)
+    assert worker_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert [email_row(db, email_id).status for email_id in ids] == ["sent"] * 2 + ["pending"] + [
         "sent"
     ] * 2
