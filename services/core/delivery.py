@@ -267,7 +267,8 @@ def _recovery(email_id: str, version: int, lease_until: datetime) -> outbox.Entr
 # (``KeptConnection.commit``): SQLAlchemy's Core path for them (statement cache, bind
 # processors, the insert's primary-key bookkeeping) cost a worker more than the round
 # trips themselves - a record's client time 175 -> 120 us - and one round trip instead
-# of three (UPDATE, INSERT, COMMIT) took a worker from ~680 to ~830 deliveries/s here.
+# of three (UPDATE, INSERT, COMMIT) took one worker from ~790 to ~920 deliveries/s here,
+# two from ~1,040 to ~1,140 (bench worker section, four alternating runs each).
 # What the UPDATE found decides the rest: ``@owned`` carries its rowcount to the
 # statements after it.
 _RECORD = (
