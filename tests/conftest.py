@@ -52,18 +52,18 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def worker_engine(database_url: str) -> Iterator[Engine]:
-    """The run's database as the worker connects to it: a query may hold several
-    statements (a record and its COMMIT, ``KeptConnection.commit``)."""
+def writer_engine(database_url: str) -> Iterator[Engine]:
+    """The run's database as the worker and the API's group commit connect to it: a
+    query may hold several statements (``KeptConnection.commit``)."""
     engine = create_db_engine(database_url, multi_statements=True)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def records(worker_engine: Engine) -> Iterator[KeptConnection]:
+def records(writer_engine: Engine) -> Iterator[KeptConnection]:
     """The connection a worker records outcomes on (``delivery.record``)."""
-    kept = KeptConnection(worker_engine)
+    kept = KeptConnection(writer_engine)
     yield kept
     kept.release()
 

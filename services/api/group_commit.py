@@ -30,12 +30,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from services.core import emails
-from services.core.db import is_unavailable, transaction
+from services.core.db import KeptConnection, is_unavailable, transaction
 from services.core.emails import Creation
 
 log = logging.getLogger(__name__)
 
 Rows = list[dict[str, Any]]
+
+# A group this small (``emails.text_size``) goes with its COMMIT as one query, one round
+# trip instead of three: from 8 clients 2,400 -> 3,000 creates/s here, from one
+# 1,190 -> 1,320 (alternating bench runs). The query is one packet: a character takes up
+# to 4 bytes in UTF-8 and escaping can double it, so 8 MB at most, half of MariaDB's
+# default max_allowed_packet. A larger group goes statement by statement (PyMySQL splits
+# a many-row INSERT at 1 MB), as a lone create of a 10 MB body must.
+ONE_QUERY_MAX_CHARS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,9 @@ class _Waiting:
 class GroupCommit:
     """``await create(creation)``: its emails as written, once committed with others'.
 
+    ``engine`` must let one query hold several statements (``multi_statements``): a
+    group of up to ``ONE_QUERY_MAX_CHARS`` goes to MySQL with its COMMIT in one query,
+    on a connection the writing thread keeps; a larger one statement by statement.
     ``written`` runs on the writing thread after each commit with the creations the
     transaction held (the API wakes the relay from there). Used from one event loop.
     """
@@ -58,13 +69,14 @@ class GroupCommit:
         max_emails: int,
         written: Callable[[Sequence[Creation]], None] = lambda creations: None,
     ) -> None:
-        self._engine = engine
+        self.engine = engine
         self._max_emails = max_emails
         self._written = written
         self._waiting: deque[_Waiting] = deque()
         self._writing = False
         self._closed = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
+        self._kept = KeptConnection(engine)  # the writing thread's, between groups too
         self.groups = 0  # transactions begun, for the curious and the tests
 
     async def create(self, creation: Creation) -> Rows:
@@ -75,9 +87,11 @@ class GroupCommit:
         return await answer
 
     def close(self) -> None:
-        """Wait for the group being written; afterwards nothing more is written."""
+        """Wait for the group being written; afterwards nothing more is written. (The
+        engine stays its owner's to dispose of.)"""
         self._closed = True
         self._thread.shutdown(wait=True, cancel_futures=True)
+        self._kept.release()
 
     def _write_next(self) -> None:
         """Start writing the creates waiting now, if any (on the event loop)."""
@@ -129,7 +143,11 @@ class GroupCommit:
     def _write(self, group: list[Creation]) -> list[Rows | Exception]:
         """On the writing thread: each creation's rows once committed, or its error."""
         try:
-            written = transaction(self._engine, lambda conn: emails.create_many(conn, group))
+            if emails.text_size(group) <= ONE_QUERY_MAX_CHARS:
+                statements, written = emails.create_statements(group)
+                self._kept.commit(statements)
+            else:
+                written = transaction(self.engine, lambda conn: emails.create_many(conn, group))
         except DBAPIError as exc:
             if len(group) == 1 or is_unavailable(exc):
                 return [exc] * len(group)

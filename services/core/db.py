@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -28,6 +28,9 @@ from services.core.schema import UTCDateTime
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# One statement of driver SQL and its parameters: ``%(name)s`` placeholders and a mapping,
+# or ``%s`` and a sequence.
+Statement = tuple[str, Mapping[str, Any] | Sequence[Any]]
 
 # MySQL/MariaDB error codes that mean "try again": deadlock, lock wait timeout,
 # and the client-side "server gone / cannot connect" family.
@@ -117,15 +120,16 @@ class KeptConnection:
         self._engine = engine
         self._conn: Connection | None = None
 
-    def commit(self, statements: str, params: Mapping[str, Any], *, attempts: int = 5) -> int:
-        """Run ``statements`` (separated by ``;``, driver placeholders ``%(name)s``) and
-        COMMIT, in one round trip; the first statement's rowcount. Deadlocks and lock-wait
-        timeouts are retried, as by ``transaction``; other errors are raised as SQLAlchemy
-        raises them (``is_unavailable`` reads them the same way)."""
-        script = f"{statements};COMMIT"
-        return _retrying(lambda: self._run(script, params), attempts)
+    def commit(self, statements: Sequence[Statement], *, attempts: int = 5) -> int:
+        """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders)
+        and its parameters - and COMMIT, in one round trip; the first statement's
+        rowcount. Deadlocks and lock-wait timeouts are retried, as by ``transaction``;
+        other errors are raised as SQLAlchemy raises them (``is_unavailable`` reads them
+        the same way). All of it goes in one packet: keep it well under the server's
+        ``max_allowed_packet`` (16 MB by default on MariaDB, 64 MB on MySQL 8)."""
+        return _retrying(lambda: self._run(statements), attempts)
 
-    def _run(self, script: str, params: Mapping[str, Any]) -> int:
+    def _run(self, statements: Sequence[Statement]) -> int:
         if self._conn is None:
             self._conn = self._engine.connect()  # (its errors come as SQLAlchemy's)
         conn = self._conn
@@ -133,9 +137,11 @@ class KeptConnection:
         # Straight to the driver: SQLAlchemy would begin a transaction of its own and end
         # it with a COMMIT of its own, a second round trip. It never begins one here.
         dbapi_conn = conn.connection.dbapi_connection
+        script = ""
         try:
             cursor = conn.connection.cursor()
-            cursor.execute(script, params)
+            script = ";".join(cursor.mogrify(sql, params) for sql, params in statements)
+            cursor.execute(f"{script};COMMIT")  # no parameters: the text is sent as it is
             rowcount = cursor.rowcount
             while cursor.nextset():  # every statement's answer: an error stops the rest
                 pass
@@ -150,8 +156,8 @@ class KeptConnection:
             if error is None:
                 raise
             raise DBAPIError.instance(
-                script,
-                dict(params),
+                script[:2000],
+                None,
                 error,
                 dialect.loaded_dbapi.Error,
                 connection_invalidated=lost,

@@ -312,7 +312,7 @@ def record(
     dropped), so a worker recording a batch drops them all with the batch's last record.
     """
     statements, params = record_statements(row, result, discard=discard)
-    return kept.commit(";".join(statements), params) > 0
+    return kept.commit([(statement, params) for statement in statements]) > 0
 
 
 def record_statements(

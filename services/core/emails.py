@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from services.core import outbox
+from services.core.db import Statement
 from services.core.errors import Conflict, NotFound
 from services.core.ids import new_id
 from services.core.schema import attempts, db_time, emails, json_text
@@ -72,12 +73,13 @@ def create(conn: Connection, owner: str, items: Sequence[NewEmail], now: datetim
 # A new email's columns (the rest keep their defaults: _UNSET). Driver SQL, not
 # ``emails.insert()``: for a batch, SQLAlchemy's per-row parameter processing and a time
 # formatted anew for each column holding it cost the API more than PyMySQL's escaping.
-_INSERT = (
+_INSERT_HEAD = (
     "INSERT INTO emails (id, owner, status, version, send_at, due_at, from_addr, reply_to,"
     " to_addrs, cc_addrs, bcc_addrs, subject, text_body, html_body, headers, metadata,"
-    " message_id, attempts, created_at, updated_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " message_id, attempts, created_at, updated_at) VALUES "
 )
+_INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_INSERT = _INSERT_HEAD + _INSERT_ROW
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,36 @@ def create_many(conn: Connection, creations: Sequence[Creation]) -> list[list[di
         conn.exec_driver_sql(_INSERT, bound)
     outbox.add(conn, entries)
     return written
+
+
+def create_statements(
+    creations: Sequence[Creation],
+) -> tuple[list[Statement], list[list[dict[str, Any]]]]:
+    """``create_many`` as two statements for ``KeptConnection.commit`` - every email in
+    one INSERT, every outbox row in another - and what ``create_many`` returns. They go
+    to MySQL in one packet: for creations of a few hundred kilobytes at most
+    (``text_size``), not for any size the API accepts."""
+    written: list[list[dict[str, Any]]] = []
+    bound: list[tuple[Any, ...]] = []
+    entries: list[outbox.Entry] = []
+    for creation in creations:
+        written.append(_bind(creation, bound, entries))
+    insert = _INSERT_HEAD + ", ".join([_INSERT_ROW] * len(bound))
+    statements: list[Statement] = [(insert, [value for row in bound for value in row])]
+    return [*statements, outbox.add_statement(entries)], written
+
+
+def text_size(creations: Sequence[Creation]) -> int:
+    """Roughly the characters of the creations' rows, as values in SQL text (escaping
+    aside): bodies, subject, addresses, headers, metadata, and 400 for the rest."""
+    size = 0
+    for creation in creations:
+        for item in creation.items:
+            size += 400 + len(item.subject) + len(item.text or "") + len(item.html or "")
+            size += sum(len(address) + 4 for address in (*item.to, *item.cc, *item.bcc))
+            size += sum(len(name) + len(value) + 6 for name, value in item.headers.items())
+            size += sum(len(str(k)) + len(str(v)) + 6 for k, v in item.metadata.items())
+    return size
 
 
 def _bind(

@@ -40,17 +40,27 @@ class Entry:
 
 
 # Driver SQL, like every statement written once per email (see emails.create_many).
-_ADD = "INSERT INTO outbox (email_id, version, fire_at, available_at) VALUES (%s, %s, %s, %s)"
+_ADD_HEAD = "INSERT INTO outbox (email_id, version, fire_at, available_at) VALUES "
+_ADD = _ADD_HEAD + "(%s, %s, %s, %s)"
 
 
 def add(conn: Connection, entries: Sequence[Entry]) -> None:
-    if not entries:
-        return
+    if entries:
+        conn.exec_driver_sql(_ADD, _bound(entries))
+
+
+def add_statement(entries: Sequence[Entry]) -> tuple[str, list[Any]]:
+    """``add`` as one statement, for ``KeptConnection.commit`` (``entries`` not empty)."""
+    rows = ", ".join(["(%s, %s, %s, %s)"] * len(entries))
+    return _ADD_HEAD + rows, [value for row in _bound(entries) for value in row]
+
+
+def _bound(entries: Sequence[Entry]) -> list[tuple[str, int, str | None, str | None]]:
     rows = []
     for e in entries:
         fire_at = db_time(e.fire_at)
         rows.append((e.email_id, e.version, fire_at, fire_at))
-    conn.exec_driver_sql(_ADD, rows)
+    return rows
 
 
 class ScanWindow:

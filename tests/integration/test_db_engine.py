@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.core.db import (
     KeptConnection,
+    Statement,
     create_db_engine,
     is_unavailable,
     unit_of_work,
@@ -140,12 +141,14 @@ def test_a_connection_an_error_left_in_doubt_is_rolled_back_on_return(
 
 # --- KeptConnection: one connection, a transaction per round trip ------------------------
 
-_TWO_ATTEMPTS = (
+_ATTEMPT = (
     "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome)"
-    " VALUES (%(first)s, 1, UTC_TIMESTAMP(), UTC_TIMESTAMP(), 'sent');"
-    "INSERT INTO attempts (email_id, number, started_at, finished_at, outcome)"
-    " VALUES (%(second)s, 1, UTC_TIMESTAMP(), UTC_TIMESTAMP(), 'sent')"
+    " VALUES (%s, 1, UTC_TIMESTAMP(), UTC_TIMESTAMP(), 'sent')"
 )
+
+
+def _two_attempts(first: str, second: str) -> list[Statement]:
+    return [(_ATTEMPT, (first,)), (_ATTEMPT, (second,))]
 
 
 @pytest.fixture
@@ -165,7 +168,7 @@ def test_a_kept_connection_commits_each_transaction_in_one_round_trip_until_rele
     kept = KeptConnection(engine)
     for n in range(3):
         before = len(log.queries)
-        assert kept.commit(_TWO_ATTEMPTS, {"first": f"a-{n}", "second": f"b-{n}"}) == 1
+        assert kept.commit(_two_attempts(f"a-{n}", f"b-{n}")) == 1
         assert len(log.queries) - before == 1  # both statements and the COMMIT: one query
         assert _rows(db) == 2 * (n + 1)  # committed, seen from another connection
     (conn_id,) = log.checkouts  # one checkout served all three
@@ -186,20 +189,20 @@ def test_a_kept_connection_is_dropped_after_an_error_and_replaced(
     checkouts = log.checkouts
     kept = KeptConnection(engine)
     with pytest.raises(sa.exc.IntegrityError) as duplicate:
-        kept.commit(_TWO_ATTEMPTS, {"first": "twice", "second": "twice"})
+        kept.commit(_two_attempts("twice", "twice"))
     assert not is_unavailable(duplicate.value)
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert _rows(db) == 0
     assert _open_transactions(db, checkouts[-1]) == 0
 
-    assert kept.commit(_TWO_ATTEMPTS, {"first": "a", "second": "b"}) == 1
+    assert kept.commit(_two_attempts("a", "b")) == 1
     assert len(set(checkouts)) == 2
     with db.connect() as admin:
         admin.execute(sa.text(f"KILL CONNECTION {checkouts[-1]}"))
     with pytest.raises(sa.exc.OperationalError) as lost:
-        kept.commit(_TWO_ATTEMPTS, {"first": "c", "second": "d"})
+        kept.commit(_two_attempts("c", "d"))
     assert is_unavailable(lost.value)
-    assert kept.commit(_TWO_ATTEMPTS, {"first": "e", "second": "f"}) == 1
+    assert kept.commit(_two_attempts("e", "f")) == 1
     assert len(set(checkouts)) == 3
     kept.release()
     assert _rows(db) == 4
@@ -212,6 +215,6 @@ def test_an_engine_without_multi_statements_runs_one_statement_a_query(
     statement, however it got into the text, is a syntax error and nothing runs."""
     kept = KeptConnection(one_connection)
     with pytest.raises(sa.exc.ProgrammingError):
-        kept.commit(_TWO_ATTEMPTS, {"first": "a", "second": "b"})
+        kept.commit(_two_attempts("a", "b"))
     kept.release()
     assert _rows(db) == 0

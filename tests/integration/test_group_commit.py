@@ -12,15 +12,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from services.api.group_commit import GroupCommit
+from services.api.group_commit import ONE_QUERY_MAX_CHARS, GroupCommit
 from services.core.db import create_db_engine
 from services.core.emails import Creation, NewEmail
 from services.core.schema import emails, outbox
+from tests.support.queries import QueryLog
 
 OWNER = "0" * 32
 
 
-def creation(size: int = 1, *, subject: str = "Hello", owner: str = OWNER) -> Creation:
+def creation(
+    size: int = 1, *, subject: str = "Hello", owner: str = OWNER, text: str = "hi"
+) -> Creation:
     later = datetime.now(UTC) + timedelta(hours=1)
     items = [
         NewEmail(
@@ -28,7 +31,7 @@ def creation(size: int = 1, *, subject: str = "Hello", owner: str = OWNER) -> Cr
             from_addr="from@example.com",
             subject=subject,
             send_at=later,
-            text="hi",
+            text=text,
         )
         for _ in range(size)
     ]
@@ -44,8 +47,8 @@ def stored_ids(db: Engine) -> set[str]:
 
 
 @pytest.fixture
-def group_commit(db: Engine) -> Iterator[GroupCommit]:
-    writer = GroupCommit(db, max_emails=1000)
+def group_commit(db: Engine, writer_engine: Engine) -> Iterator[GroupCommit]:
+    writer = GroupCommit(writer_engine, max_emails=1000)
     yield writer
     writer.close()
 
@@ -68,8 +71,8 @@ def test_creates_in_flight_together_share_a_transaction(
     assert stored_ids(db) == set(ids)
 
 
-def test_a_group_holds_at_most_max_emails(db: Engine) -> None:
-    writer = GroupCommit(db, max_emails=5)
+def test_a_group_holds_at_most_max_emails(db: Engine, writer_engine: Engine) -> None:
+    writer = GroupCommit(writer_engine, max_emails=5)
     try:
         answers = asyncio.run(create_all(writer, [creation(3) for _ in range(6)]))
     finally:
@@ -92,7 +95,9 @@ def test_a_request_whose_rows_fail_fails_alone(db: Engine, group_commit: GroupCo
 
 
 def test_an_unreachable_database_fails_every_request(database_url: str) -> None:
-    dead = create_db_engine(database_url.replace("127.0.0.1:3306", "127.0.0.1:1"))
+    dead = create_db_engine(
+        database_url.replace("127.0.0.1:3306", "127.0.0.1:1"), multi_statements=True
+    )
     writer = GroupCommit(dead, max_emails=1000)
     try:
         answers = asyncio.run(create_all(writer, [creation() for _ in range(5)]))
@@ -120,14 +125,14 @@ def test_a_cancelled_request_is_left_out_and_nothing_waits_on_it(
     assert stored_ids(db) == {first[0]["id"], third[0]["id"]}
 
 
-def test_the_hook_sees_each_commit_and_cannot_fail_it(db: Engine) -> None:
+def test_the_hook_sees_each_commit_and_cannot_fail_it(db: Engine, writer_engine: Engine) -> None:
     seen: list[int] = []
 
     def written(creations: Sequence[Creation]) -> None:
         seen.append(len(creations))
         raise RuntimeError("a broken hook")
 
-    writer = GroupCommit(db, max_emails=1000, written=written)
+    writer = GroupCommit(writer_engine, max_emails=1000, written=written)
     try:
         answers = asyncio.run(create_all(writer, [creation() for _ in range(4)]))
     finally:
@@ -135,3 +140,28 @@ def test_the_hook_sees_each_commit_and_cannot_fail_it(db: Engine) -> None:
     assert all(isinstance(rows, list) for rows in answers)
     assert sum(seen) == 4
     assert len(stored_ids(db)) == 4
+
+
+def test_a_small_group_goes_with_its_commit_in_one_query_a_large_one_statement_by_statement(
+    db: Engine, writer_engine: Engine
+) -> None:
+    """Both ways commit every email of the group with its outbox row, or none."""
+    writer = GroupCommit(writer_engine, max_emails=1000)
+    big = "x" * (ONE_QUERY_MAX_CHARS // 2)
+    try:
+        with QueryLog(writer_engine) as log:
+            small = asyncio.run(create_all(writer, [creation(3)]))
+            sent_small = list(log.queries)
+            log.queries.clear()
+            large = asyncio.run(create_all(writer, [creation(3, subject="s", text=big)]))
+    finally:
+        writer.close()
+    assert [sql.split(" ", 3)[:3] for _, sql in sent_small] == [["INSERT", "INTO", "emails"]]
+    assert sent_small[0][1].endswith(";COMMIT")
+    kinds = [" ".join(sql.split(" ", 3)[:3]) for _, sql in log.queries]
+    # (PyMySQL splits the emails' INSERT where it would pass 1 MB)
+    assert kinds[-2:] == ["INSERT INTO outbox", "COMMIT"]
+    assert set(kinds[:-2]) == {"INSERT INTO emails"}
+    ids = {row["id"] for rows in (*small, *large) if isinstance(rows, list) for row in rows}
+    assert len(ids) == 6
+    assert stored_ids(db) == ids

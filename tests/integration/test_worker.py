@@ -113,14 +113,14 @@ WorkerFactory = Callable[..., Worker]
 
 @pytest.fixture
 def make_worker(
-    settings: Settings, db: Engine, worker_engine: Engine, redis_client: redis.Redis
+    settings: Settings, db: Engine, writer_engine: Engine, redis_client: redis.Redis
 ) -> Iterator[WorkerFactory]:
     """Workers with their own SMTP connection; ``use_redis=False`` runs without the fast path."""
     senders: list[SmtpSender] = []
     fastpaths: list[FastPath] = []
     workers: list[Worker] = []
 
-    def make(use_redis: bool = True, engine: Engine = worker_engine, **changes: Any) -> Worker:
+    def make(use_redis: bool = True, engine: Engine = writer_engine, **changes: Any) -> Worker:
         worker_settings = settings.model_copy(update=changes)
         sender = SmtpSender(worker_settings)
         redis_url = settings.redis_url.get_secret_value() if use_redis else ""
@@ -493,7 +493,7 @@ def test_no_send_is_finished_before_the_previous_one_is_recorded(
 
 
 def test_a_batch_drops_its_recovery_rows_in_one_statement_keeping_retries(
-    db: Engine, worker_engine: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
+    db: Engine, writer_engine: Engine, smtp_sink: SmtpSink, make_worker: WorkerFactory
 ) -> None:
     """...and records its emails on one connection, given back to the pool at the end,
     each record with its COMMIT in one query."""
@@ -501,14 +501,14 @@ def test_a_batch_drops_its_recovery_rows_in_one_statement_keeping_retries(
     smtp_sink.script("n2@example.com", "451 4.3.0 later")
     batch = [relay(db, email_id).encode() for email_id in ids]
     worker = make_worker(use_redis=False)
-    with QueryLog(worker_engine) as log:
+    with QueryLog(writer_engine) as log:
         assert worker.handle_batch(batch) == [Decision.ACK] * 5
     assert len(log.statements("DELETE FROM outbox")) == 1, log.queries
     assert len(log.checkouts) == 2, log.checkouts  # the claim's, the one every record ran on
     records = [(conn, sql) for conn, sql in log.queries if conn == log.checkouts[1]]
     assert len(records) == 5
     assert all(sql.startswith("UPDATE emails") and sql.endswith(";COMMIT") for _, sql in records)
-    assert worker_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert writer_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert [email_row(db, email_id).status for email_id in ids] == ["sent"] * 2 + ["pending"] + [
         "sent"
     ] * 2

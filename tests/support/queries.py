@@ -53,7 +53,9 @@ class QueryLog:
         write = dbapi_connection._execute_command
 
         def logged(command: int, sql: Any) -> Any:
-            text = sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql)
+            text = (
+                bytes(sql).decode(errors="replace") if isinstance(sql, bytes | bytearray) else sql
+            )
             self.queries.append((conn_id, text))
             return write(command, sql)
 
