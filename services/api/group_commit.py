@@ -39,10 +39,11 @@ Rows = list[dict[str, Any]]
 
 # A group this small (``emails.text_size``) goes with its COMMIT as one query, one round
 # trip instead of three: creates/s here from one client 1,170 -> 1,300, from eight
-# 2,620 -> 3,270, from 32 4,770 -> 5,390 (bench api section, three alternating runs). The query is one packet: a character takes up
-# to 4 bytes in UTF-8 and escaping can double it, so 8 MB at most, half of MariaDB's
-# default max_allowed_packet. A larger group goes statement by statement (PyMySQL splits
-# a many-row INSERT at 1 MB), as a lone create of a 10 MB body must.
+# 2,620 -> 3,270, from 32 4,770 -> 5,390 (bench api section, three alternating runs).
+# The query is one packet: a character takes up to 4 bytes in UTF-8 and escaping can
+# double it, so 8 MB at most, half of MariaDB's default max_allowed_packet. A larger
+# group goes statement by statement (PyMySQL splits a many-row INSERT at 1 MB), as a
+# lone create of a 10 MB body must.
 ONE_QUERY_MAX_CHARS = 1_000_000
 
 
