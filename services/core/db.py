@@ -121,11 +121,12 @@ class KeptConnection:
         self._conn: Connection | None = None
 
     def commit(self, statements: Sequence[Statement], *, attempts: int = 5) -> int:
-        """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders)
-        and its parameters - and COMMIT, in one round trip; the first statement's
-        rowcount. Deadlocks and lock-wait timeouts are retried, as by ``transaction``;
-        other errors are raised as SQLAlchemy raises them (``is_unavailable`` reads them
-        the same way). All of it goes in one packet: keep it well under the server's
+        """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders;
+        one statement, or several separated by ``;`` that share the parameters) and its
+        parameters - and COMMIT, in one round trip; the first statement's rowcount.
+        Deadlocks and lock-wait timeouts are retried, as by ``transaction``; other errors
+        are raised as SQLAlchemy raises them (``is_unavailable`` reads them the same way).
+        All of it goes in one packet: keep it well under the server's
         ``max_allowed_packet`` (16 MB by default on MariaDB, 64 MB on MySQL 8)."""
         return _retrying(lambda: self._run(statements), attempts)
 

@@ -312,7 +312,8 @@ def record(
     dropped), so a worker recording a batch drops them all with the batch's last record.
     """
     statements, params = record_statements(row, result, discard=discard)
-    return kept.commit([(statement, params) for statement in statements]) > 0
+    # One text for all of them: the parameters are escaped once, not once a statement.
+    return kept.commit([(";".join(statements), params)]) > 0
 
 
 def record_statements(
