@@ -141,8 +141,8 @@ class KeptConnection:
         script = ""
         try:
             cursor = conn.connection.cursor()
-            script = ";".join(cursor.mogrify(sql, params) for sql, params in statements)
-            cursor.execute(f"{script};COMMIT")  # no parameters: the text is sent as it is
+            script = ";".join([*(cursor.mogrify(sql, args) for sql, args in statements), "COMMIT"])
+            cursor.execute(script)  # no parameters: the text is sent as it is
             rowcount = cursor.rowcount
             while cursor.nextset():  # every statement's answer: an error stops the rest
                 pass

@@ -111,13 +111,15 @@ def create_statements(
 ) -> tuple[list[Statement], list[list[dict[str, Any]]]]:
     """``create_many`` as two statements for ``KeptConnection.commit`` - every email in
     one INSERT, every outbox row in another - and what ``create_many`` returns. They go
-    to MySQL in one packet: for creations of a few hundred kilobytes at most
+    to MySQL in one packet: for creations of about a megabyte of text at most
     (``text_size``), not for any size the API accepts."""
     written: list[list[dict[str, Any]]] = []
     bound: list[tuple[Any, ...]] = []
     entries: list[outbox.Entry] = []
     for creation in creations:
         written.append(_bind(creation, bound, entries))
+    if not bound:
+        return [], written
     insert = _INSERT_HEAD + ", ".join([_INSERT_ROW] * len(bound))
     statements: list[Statement] = [(insert, [value for row in bound for value in row])]
     return [*statements, outbox.add_statement(entries)], written

@@ -41,7 +41,8 @@ class Entry:
 
 # Driver SQL, like every statement written once per email (see emails.create_many).
 _ADD_HEAD = "INSERT INTO outbox (email_id, version, fire_at, available_at) VALUES "
-_ADD = _ADD_HEAD + "(%s, %s, %s, %s)"
+_ADD_ROW = "(%s, %s, %s, %s)"
+_ADD = _ADD_HEAD + _ADD_ROW
 
 
 def add(conn: Connection, entries: Sequence[Entry]) -> None:
@@ -51,7 +52,7 @@ def add(conn: Connection, entries: Sequence[Entry]) -> None:
 
 def add_statement(entries: Sequence[Entry]) -> tuple[str, list[Any]]:
     """``add`` as one statement, for ``KeptConnection.commit`` (``entries`` not empty)."""
-    rows = ", ".join(["(%s, %s, %s, %s)"] * len(entries))
+    rows = ", ".join([_ADD_ROW] * len(entries))
     return _ADD_HEAD + rows, [value for row in _bound(entries) for value in row]
 
 

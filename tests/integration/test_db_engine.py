@@ -171,7 +171,10 @@ def test_a_kept_connection_commits_each_transaction_in_one_round_trip_until_rele
         assert kept.commit(_two_attempts(f"a-{n}", f"b-{n}")) == 1
         assert len(log.queries) - before == 1  # both statements and the COMMIT: one query
         assert _rows(db) == 2 * (n + 1)  # committed, seen from another connection
-    (conn_id,) = log.checkouts  # one checkout served all three
+    before = len(log.queries)
+    assert kept.commit([]) == 0  # nothing to write: the COMMIT alone, harmless
+    assert len(log.queries) - before == 1
+    (conn_id,) = log.checkouts  # one checkout served them all
     assert _open_transactions(db, conn_id) == 0
     assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     kept.release()
