@@ -79,7 +79,8 @@ def db(engine: Engine) -> Engine:
 
 @pytest.fixture
 def queue_name(service_urls: services.ServiceUrls) -> Iterator[str]:
-    """A queue (and dead-letter queue) of this test's own; deleted afterwards."""
+    """A queue (and dead-letter queue) of this test's own, also naming its Redis keys
+    (``emailsched:<queue>:*``, whichever process wrote them); all deleted afterwards."""
     name = f"emails_test_{RUN_ID}_{secrets.token_hex(3)}"
     yield name
     connection = pika.BlockingConnection(connection_parameters(service_urls.rabbitmq))
@@ -89,15 +90,20 @@ def queue_name(service_urls: services.ServiceUrls) -> Iterator[str]:
             channel.queue_delete(queue)
     finally:
         connection.close()
+    client = redis.Redis.from_url(service_urls.redis)
+    try:
+        keys = list(client.scan_iter(f"emailsched:{name}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
 
 
 @pytest.fixture
 def redis_client(service_urls: services.ServiceUrls, queue_name: str) -> Iterator[redis.Redis]:
+    """A client of the run's Redis (``queue_name`` deletes this test's keys after it)."""
     client = redis.Redis.from_url(service_urls.redis)
     yield client
-    keys = list(client.scan_iter(f"emailsched:{queue_name}:*"))
-    if keys:
-        client.delete(*keys)
     client.close()
 
 
