@@ -113,12 +113,17 @@ class KeptConnection:
     instead of one per statement and one more for the COMMIT. The engine must have been
     made with ``multi_statements``. ``release`` gives the connection back to the pool; an
     error drops it (the server rolls back what ran of the transaction), so the next
-    transaction starts on a fresh connection. Not for concurrent use: one thread at a time.
+    transaction starts on a fresh connection. So does one after ``max_idle`` seconds
+    without any: a connection kept idle may have been closed by the server
+    (``wait_timeout``) or by a firewall, and the pool checks one it hands out (pre-ping)
+    or recycles it. Not for concurrent use: one thread at a time.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, max_idle: float = 30.0) -> None:
         self._engine = engine
+        self._max_idle = max_idle
         self._conn: Connection | None = None
+        self._used = 0.0  # time.monotonic() of the last transaction
 
     def commit(self, statements: Sequence[Statement], *, attempts: int = 5) -> int:
         """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders;
@@ -131,6 +136,10 @@ class KeptConnection:
         return _retrying(lambda: self._run(statements), attempts)
 
     def _run(self, statements: Sequence[Statement]) -> int:
+        now = time.monotonic()
+        if self._conn is not None and now - self._used > self._max_idle:
+            self.release()
+        self._used = now
         if self._conn is None:
             self._conn = self._engine.connect()  # (its errors come as SQLAlchemy's)
         conn = self._conn

@@ -221,3 +221,20 @@ def test_an_engine_without_multi_statements_runs_one_statement_a_query(
         kept.commit(_two_attempts("a", "b"))
     kept.release()
     assert _rows(db) == 0
+
+
+def test_a_kept_connection_idle_too_long_is_given_back_and_a_checked_one_taken(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """The server (``wait_timeout``) or a firewall may close a connection kept idle: one
+    idle past ``max_idle`` goes back to the pool, whose pre-ping finds it dead."""
+    engine, log = one_multi
+    kept = KeptConnection(engine, max_idle=0.2)
+    assert kept.commit(_two_attempts("a", "b")) == 1
+    with db.connect() as admin:
+        admin.execute(sa.text(f"KILL CONNECTION {log.checkouts[-1]}"))
+    time.sleep(0.3)
+    assert kept.commit(_two_attempts("c", "d")) == 1  # not an error: a fresh connection
+    assert len(set(log.checkouts)) == 2
+    kept.release()
+    assert _rows(db) == 4
