@@ -53,7 +53,8 @@ def create_db_engine(
     round trip per checkout; the relay and the worker, which retry any transaction that
     meets a dead connection anyway, go without it. ``multi_statements`` lets one query
     hold several statements, which ``KeptConnection.commit`` needs; only the worker's
-    engine has it (elsewhere a query is one statement, whatever its text).
+    engine and the API's group-commit writer have it (elsewhere a query is one
+    statement, whatever its text).
     """
     # SQLAlchemy's MySQL dialects always ask for FOUND_ROWS (an UPDATE's rowcount counts
     # the rows it matched); a client_flag given here replaces theirs, so it says so too.
