@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from operator import methodcaller
 from typing import Annotated, Any, Literal, Self
 
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -32,13 +32,13 @@ from pydantic import (
 )
 from sqlalchemy.engine import Row
 
+from services.core.addresses import MAX_LOCAL_PART_OCTETS, is_plain_address
 from services.core.emails import NewEmail
 
 MAX_RECIPIENTS = 50
 ADDRESS_CACHE_SIZE = 4096  # normalized addresses kept per process
 MAX_BATCH = 1000
 MAX_ADDRESS_CHARS = 998  # the width of the from/reply_to columns, and a header line
-MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1; email-validator lets longer ones pass
 MAX_HEADERS = 50
 MAX_HEADER_NAME_CHARS = 76
 MAX_HEADER_VALUE_CHARS = 998
@@ -94,33 +94,6 @@ def _quote_display_name(name: str) -> str:
         return name
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
-
-
-# The shape of most addresses: a dot-atom local part and a lowercase domain of two or more
-# LDH labels (no dash at either end, none doubled: so no Punycode). Such an address, within
-# the lengths below and outside the special-use names, is one email-validator accepts and
-# returns unchanged (a property test holds the two equal), so it is taken as it is.
-_ATEXT = r"[A-Za-z0-9_!#$%&'*+\-/=?^`{|}~]+"
-_LABEL = r"[a-z0-9]+(?:-[a-z0-9]+)*"
-_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@((?:{_LABEL}\.)+{_LABEL})")
-_MAX_PLAIN_ADDRESS = 254  # RFC 5321's path limit, as email-validator applies it
-_MAX_LABEL = 63  # (253 for the domain follows from the 254 of the whole)
-_SPECIAL_USE_SUFFIXES = tuple(f".{name}" for name in SPECIAL_USE_DOMAIN_NAMES)
-
-
-def is_plain_address(value: str) -> bool:
-    """True when ``value`` is an address email-validator would accept as it stands."""
-    match = _PLAIN_ADDRESS.fullmatch(value)
-    if match is None or len(value) > _MAX_PLAIN_ADDRESS:
-        return False
-    domain = match.group(1)
-    labels = domain.split(".")
-    return (
-        len(value) - len(domain) - 1 <= MAX_LOCAL_PART_OCTETS
-        and all(len(label) <= _MAX_LABEL for label in labels)
-        and labels[-1][-1].isalpha()  # a top-level domain ends with a letter
-        and not f".{domain}".endswith(_SPECIAL_USE_SUFFIXES)
-    )
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
