@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -22,8 +22,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import PoolResetState
-
-from services.core.schema import UTCDateTime
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +226,10 @@ def is_unavailable(exc: BaseException) -> bool:
 
 def db_now(conn: Connection) -> datetime:
     """The database clock in UTC: the one clock every process agrees on."""
-    value = conn.execute(sa.select(sa.func.utc_timestamp(6))).scalar_one()
-    result = UTCDateTime().process_result_value(value, conn.dialect)
-    if result is None:
-        raise RuntimeError("UTC_TIMESTAMP() returned NULL")
-    return result
+    value = conn.exec_driver_sql("SELECT UTC_TIMESTAMP(6)").scalar_one()
+    if not isinstance(value, datetime):
+        raise RuntimeError(f"UTC_TIMESTAMP(6) returned {value!r}")
+    return value.replace(tzinfo=UTC)
 
 
 def database_name(url: str) -> str:

@@ -23,11 +23,13 @@ for an email that does not exist) are decided one by one in ``_claim_one``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +38,7 @@ from sqlalchemy.engine import Connection, Row
 from services.core import outbox
 from services.core.db import KeptConnection
 from services.core.messages import DeliveryMessage
-from services.core.schema import UTCDateTime, attempts, db_time, emails
+from services.core.schema import attempts, db_time, emails
 
 CLAIMABLE = ("pending", "queued")
 
@@ -56,7 +58,7 @@ class ClaimStatus(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Claim:
     status: ClaimStatus
-    row: Row[Any] | None = None
+    row: Delivery | None = None  # the email as claimed (CLAIMED only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,52 +75,77 @@ class Outcome:
     retry_at: datetime | None = None  # set for a transient error with attempts left
 
 
-# A batch's claim, built once like the record's statements below (built per batch, the
-# claim cost a worker more Python time than its round trips). ``b_pairs`` holds one
-# (id, version) per email, the version its message names; ``id IN`` keeps the UPDATE on
-# the primary key (MariaDB walks the whole key for the row constructor alone when it
-# holds one pair: tests/integration/test_lifecycle.py checks the plans).
+# A batch's claim is driver SQL, like the record's statements below: SQLAlchemy's
+# statement cache, expanding IN lists and per-row result processing cost a worker more
+# Python time than the claim's round trips (~12 % of a worker's CPU went to its claims;
+# as driver SQL, worker CPU per email went from 923-933 to 890-907 us with one worker and
+# from 870-877 to 793-830 with two, in alternating runs of the bench's worker section).
+# ``pairs`` holds one (id, version) per email, the version its message names; ``id IN``
+# keeps the UPDATE on the primary key (MariaDB walks the whole key for the row
+# constructor alone when it holds one pair: tests/integration/test_lifecycle.py checks
+# the plans). PyMySQL writes a tuple as a parenthesized list, a tuple of pairs as one of
+# pairs.
 _CLAIM = (
-    emails.update()
-    .where(
-        emails.c.id.in_(sa.bindparam("b_ids", expanding=True)),
-        sa.tuple_(emails.c.id, emails.c.version).in_(sa.bindparam("b_pairs", expanding=True)),
-        emails.c.status.in_(CLAIMABLE),
-        emails.c.due_at <= sa.bindparam("b_horizon", type_=UTCDateTime()),
-    )
-    .values(
-        status="sending",
-        version=emails.c.version + 1,
-        lease_until=sa.bindparam("b_lease_until", type_=UTCDateTime()),
-        attempts=emails.c.attempts + 1,
-        claim_token=sa.bindparam("b_token", type_=sa.String()),
-        updated_at=sa.bindparam("b_now", type_=UTCDateTime()),
-    )
+    "UPDATE emails SET status = 'sending', version = version + 1,"
+    " lease_until = %(lease_until)s, attempts = attempts + 1, claim_token = %(token)s,"
+    " updated_at = %(now)s"
+    " WHERE id IN %(ids)s AND (id, version) IN %(pairs)s"
+    " AND status IN ('pending', 'queued') AND due_at <= %(horizon)s"
 )
-# What a delivery reads of a claimed email: what its message is composed of and what its
-# record is computed from - not the caller's metadata (up to 50 keys, never sent), nor
-# the owner or the timestamps only the API shows. ``Claim.row`` of a claimed email has
-# these columns.
-DELIVERY_COLUMNS: tuple[sa.Column[Any], ...] = (
-    emails.c.id,
-    emails.c.version,
-    emails.c.attempts,
-    emails.c.due_at,
-    emails.c.sent_at,
-    emails.c.message_id,
-    emails.c.from_addr,
-    emails.c.reply_to,
-    emails.c.to_addrs,
-    emails.c.cc_addrs,
-    emails.c.bcc_addrs,
-    emails.c.subject,
-    emails.c.headers,
-    emails.c.text_body,
-    emails.c.html_body,
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a delivery reads of a claimed email, as claimed: what its message is composed
+    of and what its record is computed from - not the caller's metadata (up to 50 keys,
+    never sent), nor the owner or the timestamps only the API shows."""
+
+    id: str
+    version: int
+    attempts: int
+    due_at: datetime
+    sent_at: datetime | None
+    message_id: str
+    from_addr: str | None
+    reply_to: str | None
+    to_addrs: list[str]
+    cc_addrs: list[str]
+    bcc_addrs: list[str]
+    subject: str
+    headers: dict[str, str]
+    text_body: str | None
+    html_body: str | None
+
+    @classmethod
+    def from_driver(cls, values: Sequence[Any]) -> Delivery:
+        """From a row of ``_CLAIMED`` as the driver gives it: naive UTC datetimes, JSON text."""
+        (id_, version, attempts, due_at, sent_at, message_id, from_addr, reply_to) = values[:8]
+        to, cc, bcc, subject, headers, text, html = values[8:]
+        return cls(
+            id_,
+            version,
+            attempts,
+            due_at.replace(tzinfo=UTC),
+            None if sent_at is None else sent_at.replace(tzinfo=UTC),
+            message_id,
+            from_addr,
+            reply_to,
+            json.loads(to),
+            json.loads(cc),
+            json.loads(bcc),
+            subject,
+            json.loads(headers),
+            text,
+            html,
+        )
+
+
+DELIVERY_COLUMNS: tuple[sa.Column[Any], ...] = tuple(
+    emails.c[field.name] for field in dataclasses.fields(Delivery)
 )
-_CLAIMED = sa.select(*DELIVERY_COLUMNS).where(
-    emails.c.id.in_(sa.bindparam("b_ids", expanding=True)),
-    emails.c.claim_token == sa.bindparam("b_token", type_=sa.String()),
+_CLAIMED = (
+    f"SELECT {', '.join(column.name for column in DELIVERY_COLUMNS)} FROM emails"  # noqa: S608
+    " WHERE id IN %(ids)s AND claim_token = %(token)s"
 )
 
 
@@ -137,19 +164,20 @@ def claim_batch(
     lease_until = now + lease
     horizon = now + LEAD  # due by then: claimed now, its final "." held until due
     wanted = {m.email_id: m.version for m in reversed(messages)}  # the first copy wins
-    ids = list(wanted)
-    conn.execute(
+    ids = tuple(wanted)
+    conn.exec_driver_sql(
         _CLAIM,
         {
-            "b_ids": ids,
-            "b_pairs": list(wanted.items()),
-            "b_horizon": horizon,
-            "b_lease_until": lease_until,
-            "b_token": token,
-            "b_now": now,
+            "ids": ids,
+            "pairs": tuple(wanted.items()),
+            "horizon": db_time(horizon),
+            "lease_until": db_time(lease_until),
+            "token": token,
+            "now": db_time(now),
         },
     )
-    claimed = {row.id: row for row in conn.execute(_CLAIMED, {"b_ids": ids, "b_token": token})}
+    found = conn.exec_driver_sql(_CLAIMED, {"ids": ids, "token": token}).all()
+    claimed = {values[0]: Delivery.from_driver(values) for values in found}
     outbox.add(conn, [_recovery(row.id, row.version, lease_until) for row in claimed.values()])
     results: list[Claim] = []
     for message in messages:
@@ -186,10 +214,10 @@ def _claim_one(
         return Claim(ClaimStatus.GONE)
     abandoned = row.status == "sending" and row.lease_until is not None and row.lease_until <= now
     if row.version != version or not (row.status in CLAIMABLE or abandoned):
-        return Claim(ClaimStatus.STALE, row)
+        return Claim(ClaimStatus.STALE)
     if row.status in CLAIMABLE and row.due_at > now + LEAD:  # early: bring it back on time
         outbox.add(conn, [outbox.Entry(email_id, version, row.due_at)])
-        return Claim(ClaimStatus.EARLY, row)
+        return Claim(ClaimStatus.EARLY)
     if row.status in CLAIMABLE:  # due, but the batch UPDATE held another copy's version
         return _take(conn, row, now=now, lease_until=lease_until, token=token)
     # A worker claimed this email and vanished before recording the outcome. The SMTP
@@ -216,7 +244,7 @@ def _claim_one(
                 last_error=f"worker lost during delivery {row.attempts} times",
             )
         )
-        return Claim(ClaimStatus.STALE, row)
+        return Claim(ClaimStatus.STALE)
     return _take(
         conn,
         row,
@@ -249,10 +277,8 @@ def _take(
         values["last_error"] = last_error
     conn.execute(emails.update().where(emails.c.id == row.id).values(**values))
     outbox.add(conn, [_recovery(row.id, row.version + 1, lease_until)])
-    return Claim(
-        ClaimStatus.CLAIMED,
-        conn.execute(sa.select(*DELIVERY_COLUMNS).where(emails.c.id == row.id)).one(),
-    )
+    taken = conn.execute(sa.select(*DELIVERY_COLUMNS).where(emails.c.id == row.id)).one()
+    return Claim(ClaimStatus.CLAIMED, Delivery(*taken))
 
 
 def _recovery(email_id: str, version: int, lease_until: datetime) -> outbox.Entry:
@@ -292,7 +318,7 @@ _INSERT_ATTEMPT_IF_OWNED = (
 
 def record(
     kept: KeptConnection,
-    row: Row[Any],
+    row: Delivery,
     result: Outcome,
     *,
     discard: Sequence[tuple[str, int]] | None = None,
@@ -317,7 +343,7 @@ def record(
 
 
 def record_statements(
-    row: Row[Any], result: Outcome, *, discard: Sequence[tuple[str, int]] | None = None
+    row: Delivery, result: Outcome, *, discard: Sequence[tuple[str, int]] | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """``record``'s statements, in order, and their parameters (the first statement's
     rowcount says whether the worker still owned the email).
@@ -356,7 +382,7 @@ def record_statements(
     return statements, params
 
 
-def recorded_before(conn: Connection, row: Row[Any], result: Outcome) -> bool:
+def recorded_before(conn: Connection, row: Delivery, result: Outcome) -> bool:
     """Whether ``result`` is already recorded: a retried ``record`` whose first commit
     landed although its answer was lost with the connection. An attempt leaves its row,
     told apart from the recovery path's "outcome unknown" by its outcome and finish time;
@@ -392,7 +418,7 @@ def _insert_attempt(conn: Connection, row: Row[Any], result: Outcome) -> None:
     conn.exec_driver_sql(_INSERT_ATTEMPT, _attempt_params(row, result))
 
 
-def _attempt_params(row: Row[Any], result: Outcome) -> dict[str, Any]:
+def _attempt_params(row: Delivery | Row[Any], result: Outcome) -> dict[str, Any]:
     return {
         "a_email_id": row.id,
         "a_number": row.attempts,

@@ -24,12 +24,12 @@ from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy.engine import Row
 
 from services.core.addresses import plain_address
+from services.core.delivery import Delivery
 from services.core.errors import PermanentDelivery
 from services.core.settings import Settings
 
@@ -76,7 +76,7 @@ class Composed(NamedTuple):
     smtputf8: bool  # an address has a non-ASCII local part: needs the SMTPUTF8 extension
 
 
-def build_message(row: Row[Any], settings: Settings, *, now: datetime | None = None) -> Composed:
+def build_message(row: Delivery, settings: Settings, *, now: datetime | None = None) -> Composed:
     """The message, the envelope sender and every envelope recipient (to, cc and bcc)."""
     sender = _address(row.from_addr or settings.mail_from, "from")
     to = [_address(value, "to") for value in row.to_addrs]

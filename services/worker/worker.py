@@ -50,14 +50,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core import delivery
 from services.core.db import KeptConnection, db_now, is_unavailable, transaction
-from services.core.delivery import Claim, ClaimStatus, Outcome
+from services.core.delivery import Claim, ClaimStatus, Delivery, Outcome
 from services.core.errors import DeliveryError, PermanentDelivery, PoisonMessage
 from services.core.fastpath import FastPath
 from services.core.messages import DeliveryMessage
@@ -96,7 +95,7 @@ class _Attempt:
 class _Done:
     """One email of the batch, handled, its outcome not yet committed."""
 
-    row: Row[Any]
+    row: Delivery
     started_at: datetime
     finished_at: datetime
     attempt: _Attempt
@@ -214,7 +213,7 @@ class Worker:
             self._log_db_error(exc, f"claim of {len(messages)} messages failed, requeueing")
             return dict.fromkeys((index for index, _ in wanted), Decision.REQUEUE)
         decisions: dict[int, Decision] = {}
-        to_send: list[tuple[int, Row[Any]]] = []
+        to_send: list[tuple[int, Delivery]] = []
         for (index, message), claim in zip(wanted, claims, strict=True):
             if claim.status is ClaimStatus.GONE:
                 log.warning("dead-lettering a message for unknown email %s", message.email_id)
@@ -236,7 +235,7 @@ class Worker:
 
     def _send(
         self,
-        to_send: list[tuple[int, Row[Any]]],
+        to_send: list[tuple[int, Delivery]],
         clock: _Clock,
         lease_ends: float,
         pause: Callable[[float], bool],
@@ -305,7 +304,7 @@ class Worker:
         )
         return clock, claims
 
-    def _begin(self, row: Row[Any], now: datetime, lease_ends: float) -> _Attempt | None:
+    def _begin(self, row: Delivery, now: datetime, lease_ends: float) -> _Attempt | None:
         """Start the email's SMTP transaction, all but its final "."; None when it is
         begun, else what came of it without a send (released, refused, unreachable)."""
         if self._smtp_down:
@@ -421,7 +420,7 @@ class Worker:
             " recorded; requeueing, its recovery row brings it back when the lease ends"
         )
 
-    def _retry_at(self, row: Row[Any], attempt: _Attempt, now: datetime) -> datetime | None:
+    def _retry_at(self, row: Delivery, attempt: _Attempt, now: datetime) -> datetime | None:
         """When to try again after a transient error; None when attempts are spent.
         ``now`` is when the attempt finished, by the database clock (``_Clock``)."""
         if attempt.outcome == "released":
@@ -436,7 +435,7 @@ class Worker:
         return now + timedelta(seconds=delay)
 
     @staticmethod
-    def _log_outcome(row: Row[Any], outcome: Outcome) -> None:
+    def _log_outcome(row: Delivery, outcome: Outcome) -> None:
         if outcome.outcome == "sent":
             status = "sent"
         elif outcome.outcome == "released":

@@ -20,6 +20,7 @@ from services.core.delivery import (
     LEAD,
     Claim,
     ClaimStatus,
+    Delivery,
     Outcome,
     claim_batch,
     record,
@@ -277,7 +278,7 @@ def test_claim_is_decided_once_under_concurrency(db: Engine) -> None:
     assert results.count(ClaimStatus.STALE) == 60
 
 
-def claim_each(engine: Engine, email_ids: list[str], now: datetime) -> dict[str, sa.Row]:  # type: ignore[type-arg]
+def claim_each(engine: Engine, email_ids: list[str], now: datetime) -> dict[str, Delivery]:
     """Each email claimed (at version 1) in a transaction of its own: the rows as claimed."""
     claimed = {}
     for email_id in email_ids:
@@ -557,7 +558,7 @@ def test_a_claimed_row_holds_what_a_delivery_reads_and_not_the_metadata(db: Engi
     assert "metadata" not in wanted
     for claimed in (claims[0], claims[2]):
         assert claimed.row is not None
-        assert list(claimed.row._fields) == wanted
+        assert [field.name for field in dataclasses.fields(claimed.row)] == wanted
 
 
 def test_a_released_email_is_due_again_without_using_an_attempt(
