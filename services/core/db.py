@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from pymysql.constants import CLIENT
+from pymysql.constants import CLIENT, COMMAND
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
@@ -123,6 +123,7 @@ class KeptConnection:
         self._max_idle = max_idle
         self._conn: Connection | None = None
         self._used = 0.0  # time.monotonic() of the last transaction
+        self._unread = False  # a transaction was sent and its answers not read yet
 
     def commit(self, statements: Sequence[Statement], *, attempts: int = 5) -> int:
         """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders;
@@ -132,53 +133,118 @@ class KeptConnection:
         are raised as SQLAlchemy raises them (``is_unavailable`` reads them the same way).
         All of it goes in one packet: keep it well under the server's
         ``max_allowed_packet`` (16 MB by default on MariaDB, 64 MB on MySQL 8)."""
-        return _retrying(lambda: self._run(statements), attempts)
 
-    def _run(self, statements: Sequence[Statement]) -> int:
+        def once() -> int:
+            return self._send(statements)()
+
+        return _retrying(once, attempts)
+
+    def send(self, statements: Sequence[Statement], *, attempts: int = 5) -> Sent:
+        """``commit`` in two halves: the query goes out now, and ``Sent.rowcount`` reads
+        the answers - so that the caller's thread can do other work while the server runs
+        it (the worker begins the next email's SMTP transaction), without a second thread.
+        Until then this connection takes nothing else."""
+        return Sent(self, statements, attempts)
+
+    def _send(self, statements: Sequence[Statement]) -> Callable[[], int]:
+        """Send the transaction; the function that reads its answers (the first
+        statement's rowcount). Errors of either come as SQLAlchemy's."""
         now = time.monotonic()
-        if self._conn is not None and now - self._used > self._max_idle:
+        if self._conn is not None and (self._unread or now - self._used > self._max_idle):
             self.release()
         self._used = now
         if self._conn is None:
             self._conn = self._engine.connect()  # (its errors come as SQLAlchemy's)
         conn = self._conn
-        dialect = self._engine.dialect
         # Straight to the driver: SQLAlchemy would begin a transaction of its own and end
         # it with a COMMIT of its own, a second round trip. It never begins one here.
-        dbapi_conn = conn.connection.dbapi_connection
+        dbapi_conn: Any = conn.connection.dbapi_connection  # PyMySQL's
         script = ""
         try:
             cursor = conn.connection.cursor()
             script = ";".join([*(cursor.mogrify(sql, args) for sql, args in statements), "COMMIT"])
-            cursor.execute(script)  # no parameters: the text is sent as it is
-            rowcount = cursor.rowcount
-            while cursor.nextset():  # every statement's answer: an error stops the rest
-                pass
             cursor.close()
-        except BaseException as exc:  # the connection goes, with whatever is left unread
-            self._conn = None
-            error = exc if isinstance(exc, dialect.loaded_dbapi.Error) else None
-            lost = error is not None and dialect.is_disconnect(error, dbapi_conn, None)
+            # PyMySQL's ``query`` is this send and then ``next_result``'s read: split, so
+            # that the caller may do something else in between.
+            dbapi_conn._execute_command(COMMAND.COM_QUERY, script)
+        except BaseException as exc:
+            raise self._dropped(exc, dbapi_conn, script) from exc
+        self._unread = True
+
+        def read() -> int:
+            try:
+                rowcount = dbapi_conn.next_result()  # the first statement's answer
+                while dbapi_conn._result.has_next:
+                    dbapi_conn.next_result()
+            except BaseException as exc:
+                raise self._dropped(exc, dbapi_conn, script) from exc
+            self._unread = False
+            return int(rowcount)
+
+        return read
+
+    def _dropped(self, exc: BaseException, dbapi_conn: Any, script: str) -> BaseException:
+        """After an error the connection goes, with whatever is left unread; the error
+        to raise - SQLAlchemy's for a driver error, as ``Connection.execute`` would."""
+        conn, self._conn, self._unread = self._conn, None, False
+        dialect = self._engine.dialect
+        error = exc if isinstance(exc, dialect.loaded_dbapi.Error) else None
+        lost = error is not None and dialect.is_disconnect(error, dbapi_conn, None)
+        if conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 conn.invalidate(error)
                 conn.close()
-            if error is None:
-                raise
-            raise DBAPIError.instance(
-                script[:2000],
-                None,
-                error,
-                dialect.loaded_dbapi.Error,
-                connection_invalidated=lost,
-                dialect=dialect,
-            ) from exc
-        return int(rowcount)
+        if error is None:
+            return exc
+        return DBAPIError.instance(
+            script[:2000],
+            None,
+            error,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=lost,
+            dialect=dialect,
+        )
 
     def release(self) -> None:
+        """Give the connection back to the pool - or drop it, when a transaction sent on
+        it was never read (its answers would meet the pool's next user)."""
         conn, self._conn = self._conn, None
+        unread, self._unread = self._unread, False
         if conn is not None:
             with contextlib.suppress(SQLAlchemyError):  # a dead one: the pool drops it
+                if unread:
+                    conn.invalidate()
                 conn.close()
+
+
+class Sent:
+    """A transaction ``KeptConnection.send`` sent: ``rowcount`` reads its answers, once."""
+
+    def __init__(self, kept: KeptConnection, statements: Sequence[Statement], attempts: int):
+        self._kept = kept
+        self._statements = statements
+        self._attempts = attempts
+        self._error: DBAPIError | None = None
+        self._read: Callable[[], int] | None = None
+        try:
+            self._read = kept._send(statements)
+        except DBAPIError as exc:  # raised by rowcount, or retried there
+            self._error = exc
+
+    def rowcount(self) -> int:
+        """The first statement's rowcount, as ``KeptConnection.commit`` returns it; a
+        deadlock or lock-wait timeout is retried as there (the rest of the tries)."""
+        try:
+            if self._read is None:
+                raise self._error or RuntimeError("nothing was sent")
+            read, self._read = self._read, None
+            return read()
+        except DBAPIError as exc:
+            if error_code(exc) not in RETRYABLE_CODES or self._attempts <= 1:
+                raise
+            log.info("transaction retried after MySQL error %s (attempt 1)", error_code(exc))
+            time.sleep(0.01)
+            return self._kept.commit(self._statements, attempts=self._attempts - 1)
 
 
 def transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 5) -> T:

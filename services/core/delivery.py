@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from services.core import outbox
-from services.core.db import KeptConnection
+from services.core.db import KeptConnection, Sent, Statement
 from services.core.messages import DeliveryMessage
 from services.core.schema import attempts, db_time, emails
 
@@ -337,9 +337,27 @@ def record(
     message, when the lease ends, finds a newer version or a finished email and is
     dropped), so a worker recording a batch drops them all with the batch's last record.
     """
+    return kept.commit(_record_query(row, result, discard)) > 0
+
+
+def send_record(
+    kept: KeptConnection,
+    row: Delivery,
+    result: Outcome,
+    *,
+    discard: Sequence[tuple[str, int]] | None = None,
+) -> Sent:
+    """``record`` in two halves (``KeptConnection.send``): the transaction goes out now;
+    whether the worker still owned the email is ``rowcount() > 0`` of what this returns."""
+    return kept.send(_record_query(row, result, discard))
+
+
+def _record_query(
+    row: Delivery, result: Outcome, discard: Sequence[tuple[str, int]] | None
+) -> list[Statement]:
     statements, params = record_statements(row, result, discard=discard)
     # One text for all of them: the parameters are escaped once, not once a statement.
-    return kept.commit([(";".join(statements), params)]) > 0
+    return [(";".join(statements), params)]
 
 
 def record_statements(

@@ -20,11 +20,12 @@ commit is the one window where a crash duplicates a message; the recovery outbox
 written by the claim is what brings such an email back, with the same Message-ID.
 Claims are batched (one transaction for the batch), records are not: each send is
 recorded before the next one is finished, so the window never holds more than one
-email. The two overlap where that is safe: while one record commits (on the recorder
-thread), the next email's SMTP transaction is begun - envelope and body, all but the
-final "." - and the dot goes out only after the commit. A crash in between leaves the
-next message unfinished, which the server discards; a record that fails makes the
-worker abort it (close the connection) and send it again once the record is settled.
+email. The two overlap where that is safe: while one record commits (sent to MySQL, its
+answer read afterwards, on the same thread), the next email's SMTP transaction is begun -
+envelope and body, all but the final "." - and the dot goes out only after the commit.
+A crash in between leaves the next message unfinished, which the server discards; a
+record that fails makes the worker abort it (close the connection) and send it again
+once the record is settled.
 While MySQL is unavailable the record is retried (once more just before the lease ends,
 then on until the database answers), since every retry that lands closes the window
 without a duplicate. Past the lease a record can still land: the version it is made on
@@ -47,7 +48,6 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -55,7 +55,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.core import delivery
-from services.core.db import KeptConnection, db_now, is_unavailable, transaction
+from services.core.db import KeptConnection, Sent, db_now, is_unavailable, transaction
 from services.core.delivery import Claim, ClaimStatus, Delivery, Outcome
 from services.core.errors import DeliveryError, PermanentDelivery, PoisonMessage
 from services.core.fastpath import FastPath
@@ -102,13 +102,37 @@ class _Done:
     discard: tuple[tuple[str, int], ...]  # recovery rows the record drops (delivery.record)
 
 
-@dataclass(frozen=True, slots=True)
 class _Recording:
-    """A ``_Done`` whose first record try runs on the recorder thread."""
+    """A ``_Done`` whose record's first try is sent: its answer is read once the next
+    email's SMTP transaction is begun - the server commits it meanwhile."""
 
-    index: int
-    done: _Done
-    future: Future[tuple[bool, Outcome]]
+    __slots__ = ("_error", "_result", "_sent", "done", "index", "outcome")
+
+    def __init__(self, index: int, done: _Done, outcome: Outcome, sent: Sent) -> None:
+        self.index = index
+        self.done = done
+        self.outcome = outcome
+        self._sent: Sent | None = sent
+        self._result: tuple[bool, Outcome] | None = None
+        self._error: Exception | None = None
+
+    def error(self) -> Exception | None:
+        """Read the answer (the first call waits for it); what went wrong, if anything."""
+        if self._sent is not None:
+            sent, self._sent = self._sent, None
+            try:
+                self._result = (sent.rowcount() > 0, self.outcome)
+            except Exception as exc:  # raised again by result(), as a Future would
+                self._error = exc
+        return self._error
+
+    def result(self) -> tuple[bool, Outcome]:
+        """Whether this worker still owned the email, and the outcome as written."""
+        if (error := self.error()) is not None:
+            raise error
+        if self._result is None:
+            raise RuntimeError("record read without an answer")
+        return self._result
 
 
 class _Clock:
@@ -146,14 +170,12 @@ class Worker:
         self._send_margin = min(settings.lease_seconds / 2, 2 * settings.smtp_timeout)
         self._smtp_down = False
         self._learned: dict[str, int] = {}  # versions recorded in this batch, for Redis
-        # Commits each send's record while the next email's transaction is begun, on a
-        # connection kept for the batch (the retries on this thread come after its try):
-        # the engine must let one query hold several statements (``multi_statements``).
-        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
+        # Each send's record goes out on a connection kept for the batch, and is read
+        # after the next email's transaction is begun: the engine must let one query hold
+        # several statements (``multi_statements``).
         self._records = KeptConnection(engine)
 
     def close(self) -> None:
-        self._recorder.shutdown()
         self._records.release()
 
     @property
@@ -255,7 +277,7 @@ class Worker:
                 if previous is not None:
                     # The previous send is recorded before this one's final "." goes out:
                     # a crash in between leaves this message unfinished, so discarded.
-                    failed = previous.future.exception() is not None
+                    failed = previous.error() is not None
                     if failed and attempt is None:  # retries may take long: give it up
                         self._sender.abort()
                     decisions[previous.index] = self._settle(previous, lease_ends, pause)
@@ -272,13 +294,15 @@ class Worker:
                 last = position == len(to_send)
                 discard = (*settled, (row.id, row.version)) if last else ()
                 done = _Done(row, started_at, clock.now(), attempt, discard)
-                previous = _Recording(index, done, self._recorder.submit(self._try_record, done))
+                outcome = self._outcome(done)
+                sent = delivery.send_record(self._records, row, outcome, discard=discard)
+                previous = _Recording(index, done, outcome, sent)
             if previous is not None:
                 decisions[previous.index] = self._settle(previous, lease_ends, pause)
                 previous = None
         finally:  # after a bug: no record left running, nothing half-sent left open
-            if previous is not None:
-                previous.future.exception()
+            if previous is not None:  # its answer read: the connection is left clean
+                previous.error()
             if self._sender.begun:
                 self._sender.abort()
             self._records.release()
@@ -287,8 +311,8 @@ class Worker:
     def _settle(
         self, recording: _Recording, lease_ends: float, pause: Callable[[float], bool]
     ) -> Decision:
-        """The recorder thread's try, and the retries on this thread if it failed."""
-        return self._record(recording.done, lease_ends, pause, first_try=recording.future.result)
+        """The record's first try, and the retries if it failed."""
+        return self._record(recording.done, lease_ends, pause, first_try=recording.result)
 
     def _claim(
         self, conn: Connection, messages: list[DeliveryMessage]
@@ -337,18 +361,22 @@ class Worker:
         kind = "permanent_error" if isinstance(exc, PermanentDelivery) else "transient_error"
         return _Attempt(kind, exc.smtp_code, str(exc))
 
-    def _try_record(self, done: _Done, *, retrying: bool = False) -> tuple[bool, Outcome]:
-        """One transaction committing the outcome (the first runs on the recorder thread):
-        whether this worker still owned the email, and the outcome as written."""
-        row, attempt = done.row, done.attempt
-        outcome = Outcome(
+    def _outcome(self, done: _Done) -> Outcome:
+        """What the record writes of the attempt."""
+        attempt = done.attempt
+        return Outcome(
             attempt.outcome,
             started_at=done.started_at,
             finished_at=done.finished_at,
             smtp_code=attempt.smtp_code,
             error=attempt.error,
-            retry_at=self._retry_at(row, attempt, done.finished_at),
+            retry_at=self._retry_at(done.row, attempt, done.finished_at),
         )
+
+    def _try_record(self, done: _Done, *, retrying: bool = False) -> tuple[bool, Outcome]:
+        """One transaction committing the outcome (after a first try that failed): whether
+        this worker still owned the email, and the outcome as written."""
+        row, outcome = done.row, self._outcome(done)
         recorded = delivery.record(self._records, row, outcome, discard=done.discard)
         if not recorded and retrying:
             landed = transaction(
@@ -369,7 +397,8 @@ class Worker:
     ) -> Decision:
         """Commit the outcome, retrying while MySQL is unavailable; ack only after the commit.
 
-        ``first_try`` is the result of a try made already (on the recorder thread).
+        ``first_try`` is the result of a try made already (sent before the next email's
+        transaction was begun).
         The retries go on past the lease (a stop request ends them): until another worker
         claims the email, which needs the database too, a late record still lands. One
         retry comes just before the lease ends, so a database back by then always gets

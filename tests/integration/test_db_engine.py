@@ -238,3 +238,63 @@ def test_a_kept_connection_idle_too_long_is_given_back_and_a_checked_one_taken(
     assert len(set(log.checkouts)) == 2
     kept.release()
     assert _rows(db) == 4
+
+
+def test_a_sent_transaction_commits_while_the_caller_works_and_is_read_after(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """``send`` is ``commit`` in two halves: the server runs and commits the query while
+    the caller does something else, and ``rowcount`` then reads the answer - one query,
+    on a connection left ready for the next."""
+    engine, log = one_multi
+    kept = KeptConnection(engine)
+    before = len(log.queries)
+    sent = kept.send(_two_attempts("a", "b"))
+    deadline = time.monotonic() + 5
+    while _rows(db) < 2 and time.monotonic() < deadline:  # committed, nothing read yet
+        time.sleep(0.01)
+    assert _rows(db) == 2
+    assert sent.rowcount() == 1
+    assert len(log.queries) - before == 1
+    assert kept.commit(_two_attempts("c", "d")) == 1
+    assert len(set(log.checkouts)) == 1  # the same connection throughout
+    kept.release()
+    assert _rows(db) == 4
+
+
+def test_a_sent_transactions_error_comes_when_it_is_read(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    engine, log = one_multi
+    kept = KeptConnection(engine)
+    sent = kept.send(_two_attempts("twice", "twice"))  # no error yet: nothing read
+    with pytest.raises(sa.exc.IntegrityError) as duplicate:
+        sent.rowcount()
+    assert not is_unavailable(duplicate.value)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _rows(db) == 0
+    assert kept.send(_two_attempts("a", "b")).rowcount() == 1  # on a fresh connection
+    assert len(set(log.checkouts)) == 2
+    kept.release()
+
+
+def test_a_sent_transaction_left_unread_never_reaches_the_pool(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """Its answers would meet the pool's next user: the connection is dropped instead,
+    whether released or replaced by the next transaction."""
+    engine, log = one_multi
+    kept = KeptConnection(engine)
+    kept.send(_two_attempts("a", "b"))
+    kept.release()
+    with engine.connect() as conn:  # the pool's next user reads its own answer
+        assert conn.exec_driver_sql("SELECT 7").scalar() == 7
+    kept.send(_two_attempts("c", "d"))  # on the connection that answered 7, given back
+    assert kept.commit(_two_attempts("e", "f")) == 1  # not on the unread one
+    kept.release()
+    first, seven, sent, fresh = log.checkouts
+    assert seven == sent
+    assert len({first, seven, fresh}) == 3
+    with db.connect() as conn:
+        conn.exec_driver_sql("SELECT SLEEP(0.2)")  # the dropped ones' queries finish
+    assert _rows(db) == 6  # (sent whole, they ran to their COMMIT regardless)
