@@ -125,30 +125,35 @@ class KeptConnection:
         self._used = 0.0  # time.monotonic() of the last transaction
         self._unread = False  # a transaction was sent and its answers not read yet
 
-    def commit(self, statements: Sequence[Statement], *, attempts: int = 5) -> int:
+    def commit(
+        self, statements: Sequence[Statement], *, attempts: int = 5, rowcount_of: int = 0
+    ) -> int:
         """Run ``statements`` - each its driver SQL (``%s`` or ``%(name)s`` placeholders;
         one statement, or several separated by ``;`` that share the parameters) and its
-        parameters - and COMMIT, in one round trip; the first statement's rowcount.
+        parameters - and COMMIT, in one round trip; the rowcount of the statement at
+        ``rowcount_of`` (counted across the texts: the first is 0).
         Deadlocks and lock-wait timeouts are retried, as by ``transaction``; other errors
         are raised as SQLAlchemy raises them (``is_unavailable`` reads them the same way).
         All of it goes in one packet: keep it well under the server's
         ``max_allowed_packet`` (16 MB by default on MariaDB, 64 MB on MySQL 8)."""
 
         def once() -> int:
-            return self._send(statements)()
+            return self._send(statements, rowcount_of)()
 
         return _retrying(once, attempts)
 
-    def send(self, statements: Sequence[Statement], *, attempts: int = 5) -> Sent:
+    def send(
+        self, statements: Sequence[Statement], *, attempts: int = 5, rowcount_of: int = 0
+    ) -> Sent:
         """``commit`` in two halves: the query goes out now, and ``Sent.rowcount`` reads
         the answers - so that the caller's thread can do other work while the server runs
         it (the worker begins the next email's SMTP transaction), without a second thread.
         Until then this connection takes nothing else."""
-        return Sent(self, statements, attempts)
+        return Sent(self, statements, attempts, rowcount_of)
 
-    def _send(self, statements: Sequence[Statement]) -> Callable[[], int]:
-        """Send the transaction; the function that reads its answers (the first
-        statement's rowcount). Errors of either come as SQLAlchemy's."""
+    def _send(self, statements: Sequence[Statement], rowcount_of: int) -> Callable[[], int]:
+        """Send the transaction; the function that reads its answers (the rowcount of
+        the statement at ``rowcount_of``). Errors of either come as SQLAlchemy's."""
         now = time.monotonic()
         if self._conn is not None and (self._unread or now - self._used > self._max_idle):
             self.release()
@@ -173,13 +178,13 @@ class KeptConnection:
 
         def read() -> int:
             try:
-                rowcount = dbapi_conn.next_result()  # the first statement's answer
-                while dbapi_conn._result.has_next:
-                    dbapi_conn.next_result()
+                rowcounts = [dbapi_conn.next_result()]  # each statement's answer in turn
+                while dbapi_conn._result.has_next:  # (an error stops the rest)
+                    rowcounts.append(dbapi_conn.next_result())
             except BaseException as exc:
                 raise self._dropped(exc, dbapi_conn, script) from exc
             self._unread = False
-            return int(rowcount)
+            return int(rowcounts[rowcount_of])
 
         return read
 
@@ -220,20 +225,27 @@ class KeptConnection:
 class Sent:
     """A transaction ``KeptConnection.send`` sent: ``rowcount`` reads its answers, once."""
 
-    def __init__(self, kept: KeptConnection, statements: Sequence[Statement], attempts: int):
+    def __init__(
+        self,
+        kept: KeptConnection,
+        statements: Sequence[Statement],
+        attempts: int,
+        rowcount_of: int,
+    ) -> None:
         self._kept = kept
         self._statements = statements
         self._attempts = attempts
+        self._rowcount_of = rowcount_of
         self._error: DBAPIError | None = None
         self._read: Callable[[], int] | None = None
         try:
-            self._read = kept._send(statements)
+            self._read = kept._send(statements, rowcount_of)
         except DBAPIError as exc:  # raised by rowcount, or retried there
             self._error = exc
 
     def rowcount(self) -> int:
-        """The first statement's rowcount, as ``KeptConnection.commit`` returns it; a
-        deadlock or lock-wait timeout is retried as there (the rest of the tries)."""
+        """The rowcount ``KeptConnection.commit`` returns; a deadlock or lock-wait
+        timeout is retried as there (the rest of the tries)."""
         try:
             if self._read is None:
                 raise self._error or RuntimeError("nothing was sent")
@@ -244,7 +256,9 @@ class Sent:
                 raise
             log.info("transaction retried after MySQL error %s (attempt 1)", error_code(exc))
             time.sleep(0.01)
-            return self._kept.commit(self._statements, attempts=self._attempts - 1)
+            return self._kept.commit(
+                self._statements, attempts=self._attempts - 1, rowcount_of=self._rowcount_of
+            )
 
 
 def transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 5) -> T:

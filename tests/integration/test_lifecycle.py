@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,7 +30,7 @@ from services.core.delivery import (
 )
 from services.core.emails import NewEmail
 from services.core.messages import DeliveryMessage
-from services.core.schema import attempts
+from services.core.schema import attempts, db_time
 from services.core.schema import emails as emails_table
 from services.core.schema import outbox as outbox_table
 from services.worker.__main__ import BATCH_MAX
@@ -609,3 +610,55 @@ def test_created_rows_are_exactly_what_a_read_back_gives(db: Engine) -> None:
     assert [w["due_at"] for w in written] == [full.send_at, now, now]
     for row in written:  # and each has its outbox row, due when the email is
         assert [(r.version, r.fire_at) for r in unpublished(db, row["id"])] == [(1, row["due_at"])]
+
+
+def _a_transaction_waits_for_a_lock(engine: Engine, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.exec_driver_sql(
+                "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+            ).scalar():
+                return True
+        # InnoDB refreshes what the table shows only when it was not read for 0.1 s
+        time.sleep(0.2)
+    return False
+
+
+def _deadlocks(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'").one()[1])
+
+
+def test_a_record_and_the_relays_mark_of_one_email_wait_for_each_other_without_deadlock(
+    db: Engine, records: KeptConnection
+) -> None:
+    """The relay flags a lot's outbox rows published, then moves their emails to queued;
+    a late mark can meet the email's record. The record drops its recovery row before it
+    updates the email - the mark's order - so it waits for the mark and both go through
+    (the other way round it held the email while the mark held the published row, and
+    one of the two was rolled back as a deadlock)."""
+    (email_id,) = create(db)
+    now = datetime.now(UTC)
+    (published,) = unpublished(db, email_id)  # version 1: the row the relay publishes
+    claimed = claim_each(db, [email_id], now)[email_id]
+    before = _deadlocks(db)
+    recorded: list[bool] = []
+    with db.connect() as relay:
+        relay.begin()
+        bound = {"now": db_time(now), "ids": (published.id,)}
+        assert relay.exec_driver_sql(outbox._MARK, bound).rowcount == 1
+        worker = threading.Thread(
+            target=lambda: recorded.append(
+                record(records, claimed, Outcome("sent", now, now, smtp_code=250))
+            )
+        )
+        worker.start()
+        assert _a_transaction_waits_for_a_lock(db)  # the record, for the row the mark holds
+        relay.exec_driver_sql(outbox._QUEUED, bound)
+        relay.commit()
+    worker.join(10)
+    assert recorded == [True]
+    assert _deadlocks(db) == before
+    assert email_row(db, email_id).status == "sent"
+    assert unpublished(db, email_id) == []  # the recovery row went with the record
