@@ -132,7 +132,7 @@ def test_crash_after_250_before_commit_sends_one_extra_copy_per_crash(
     for _ in range(injections):
         doomed = stack.start("worker", crash="after-250 40", WORKER_PREFETCH="20")
         assert doomed.popen.wait(60) == -signal.SIGKILL, doomed.log()
-        assert "crash hook: SIGKILL at record call 40" in doomed.log()
+        assert "crash hook: SIGKILL at send_record call 40" in doomed.log()
     stack.start("worker", WORKER_PREFETCH="20")
     quiesce(stack, ledger, db)
     figures = settle("worker SIGKILL after 250, before commit x3", ledger, db, smtp_sink)

@@ -5,8 +5,9 @@
 
 ``after-confirm``: the relay dies on its N-th (default 1st) attempt to record publisher
 confirms, i.e. after the broker confirmed the rows and before the database commit.
-``after-250``: the worker dies on its N-th attempt to record a successful delivery,
-i.e. after the SMTP server's final 250 and before the database commit.
+``after-250``: the worker dies on its N-th record of a successful delivery sent (its
+first try, ``delivery.send_record``), i.e. after the SMTP server's final 250 and before
+the database commit.
 
 The services carry no hook of their own: this module wraps their core calls from the
 outside, lives under ``tests/`` (it is not installed with the package, nor copied into
@@ -49,7 +50,7 @@ HOOKS: dict[str, Callable[[int], None]] = {
         outbox, "mark_published", nth, lambda conn, ids, now: bool(list(ids))
     ),
     "after-250": lambda nth: _die_on_call(
-        delivery, "record", nth, lambda conn, row, result, **_: result.outcome == "sent"
+        delivery, "send_record", nth, lambda kept, row, result, **_: result.outcome == "sent"
     ),
 }
 
