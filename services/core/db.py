@@ -236,11 +236,11 @@ class Sent:
         self._statements = statements
         self._attempts = attempts
         self._rowcount_of = rowcount_of
-        self._error: DBAPIError | None = None
+        self._error: SQLAlchemyError | None = None
         self._read: Callable[[], int] | None = None
         try:
             self._read = kept._send(statements, rowcount_of)
-        except DBAPIError as exc:  # raised by rowcount, or retried there
+        except SQLAlchemyError as exc:  # (a pool timeout too) raised by rowcount, or retried
             self._error = exc
 
     def rowcount(self) -> int:
@@ -248,7 +248,7 @@ class Sent:
         timeout is retried as there (the rest of the tries)."""
         try:
             if self._read is None:
-                raise self._error or RuntimeError("nothing was sent")
+                raise self._error or RuntimeError("a sent transaction is read once")
             read, self._read = self._read, None
             return read()
         except DBAPIError as exc:

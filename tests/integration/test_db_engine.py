@@ -298,3 +298,32 @@ def test_a_sent_transaction_left_unread_never_reaches_the_pool(
     with db.connect() as conn:
         conn.exec_driver_sql("SELECT SLEEP(0.2)")  # the dropped ones' queries finish
     assert _rows(db) == 6  # (sent whole, they ran to their COMMIT regardless)
+
+
+def test_a_transaction_that_could_not_be_sent_fails_when_it_is_read() -> None:
+    """The worker sends a record and reads it after its next SMTP exchange: a database it
+    cannot reach shows at the read, as SQLAlchemy's error, read as unavailable."""
+    engine = create_db_engine(
+        "mysql+pymysql://root@127.0.0.1:1/nothing", pre_ping=False, multi_statements=True
+    )
+    try:
+        sent = KeptConnection(engine).send(_two_attempts("a", "b"))  # no error yet
+        with pytest.raises(sa.exc.OperationalError) as refused:
+            sent.rowcount()
+        assert is_unavailable(refused.value)
+    finally:
+        engine.dispose()
+
+
+def test_a_pool_without_a_free_connection_shows_when_the_send_is_read(
+    one_multi: tuple[Engine, QueryLog],
+) -> None:
+    """Every connection taken (MySQL hanging, say): the pool's timeout, too, comes at the
+    read - where the worker's record retries look for it - not out of the send."""
+    engine, _log = one_multi
+    engine.pool._timeout = 0.2  # type: ignore[attr-defined]
+    with engine.connect():  # the pool's one connection
+        sent = KeptConnection(engine).send(_two_attempts("a", "b"))
+        with pytest.raises(sa.exc.TimeoutError) as exhausted:
+            sent.rowcount()
+    assert is_unavailable(exhausted.value)
