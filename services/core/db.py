@@ -173,7 +173,7 @@ class KeptConnection:
             # that the caller may do something else in between.
             dbapi_conn._execute_command(COMMAND.COM_QUERY, script)
         except BaseException as exc:
-            raise self._dropped(exc, dbapi_conn, script) from exc
+            raise self._dropped(exc, conn, script) from exc
         self._unread = True
 
         def read() -> int:
@@ -182,23 +182,24 @@ class KeptConnection:
                 while dbapi_conn._result.has_next:  # (an error stops the rest)
                     rowcounts.append(dbapi_conn.next_result())
             except BaseException as exc:
-                raise self._dropped(exc, dbapi_conn, script) from exc
+                raise self._dropped(exc, conn, script) from exc
             self._unread = False
             return int(rowcounts[rowcount_of])
 
         return read
 
-    def _dropped(self, exc: BaseException, dbapi_conn: Any, script: str) -> BaseException:
-        """After an error the connection goes, with whatever is left unread; the error
+    def _dropped(self, exc: BaseException, conn: Connection, script: str) -> BaseException:
+        """After an error ``conn`` goes, with whatever is left unread on it; the error
         to raise - SQLAlchemy's for a driver error, as ``Connection.execute`` would."""
-        conn, self._conn, self._unread = self._conn, None, False
+        if self._conn is conn:
+            self._conn, self._unread = None, False
         dialect = self._engine.dialect
         error = exc if isinstance(exc, dialect.loaded_dbapi.Error) else None
+        dbapi_conn = None if conn.invalidated or conn.closed else conn.connection.dbapi_connection
         lost = error is not None and dialect.is_disconnect(error, dbapi_conn, None)
-        if conn is not None:
-            with contextlib.suppress(SQLAlchemyError):
-                conn.invalidate(error)
-                conn.close()
+        with contextlib.suppress(SQLAlchemyError):
+            conn.invalidate(error)
+            conn.close()
         if error is None:
             return exc
         return DBAPIError.instance(

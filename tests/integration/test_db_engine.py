@@ -327,3 +327,19 @@ def test_a_pool_without_a_free_connection_shows_when_the_send_is_read(
         with pytest.raises(sa.exc.TimeoutError) as exhausted:
             sent.rowcount()
     assert is_unavailable(exhausted.value)
+
+
+def test_a_stale_read_leaves_the_kept_connections_next_transaction_alone(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """Read out of turn - after a later send replaced its connection - a sent transaction
+    fails on its own dropped connection, not on the one now kept."""
+    engine, log = one_multi
+    kept = KeptConnection(engine)
+    stale = kept.send(_two_attempts("a", "b"))
+    fresh = kept.send(_two_attempts("c", "d"))  # the unread one's connection is dropped
+    with pytest.raises(Exception):  # noqa: B017, PT011 (whatever a closed socket raises)
+        stale.rowcount()
+    assert fresh.rowcount() == 1
+    kept.release()
+    assert len(set(log.checkouts)) == 2
