@@ -90,7 +90,7 @@ _CLAIM = (
     " lease_until = %(lease_until)s, attempts = attempts + 1, claim_token = %(token)s,"
     " updated_at = %(now)s"
     " WHERE id IN %(ids)s AND (id, version) IN %(pairs)s"
-    " AND status IN ('pending', 'queued') AND due_at <= %(horizon)s"
+    " AND status IN ('pending', 'queued') AND due_at <= %(horizon)s"  # (CLAIMABLE)
 )
 
 
