@@ -239,27 +239,31 @@ class Sent:
         self._rowcount_of = rowcount_of
         self._error: SQLAlchemyError | None = None
         self._read: Callable[[], int] | None = None
+        self._taken = False
         try:
             self._read = kept._send(statements, rowcount_of)
-        except SQLAlchemyError as exc:  # (a pool timeout too) raised by rowcount, or retried
+        except SQLAlchemyError as exc:  # (a pool timeout too) raised by rowcount
             self._error = exc
 
     def rowcount(self) -> int:
         """The rowcount ``KeptConnection.commit`` returns; a deadlock or lock-wait
-        timeout is retried as there (the rest of the tries)."""
-        try:
+        timeout is retried as there: the transaction is sent again, for the rest of the
+        tries. Once only."""
+        if self._taken:
+            raise RuntimeError("a sent transaction is read once")
+        self._taken = True
+        tries = 0
+
+        def once() -> int:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                return self._kept._send(self._statements, self._rowcount_of)()
             if self._read is None:
-                raise self._error or RuntimeError("a sent transaction is read once")
-            read, self._read = self._read, None
-            return read()
-        except DBAPIError as exc:
-            if error_code(exc) not in RETRYABLE_CODES or self._attempts <= 1:
-                raise
-            log.info("transaction retried after MySQL error %s (attempt 1)", error_code(exc))
-            time.sleep(0.01)
-            return self._kept.commit(
-                self._statements, attempts=self._attempts - 1, rowcount_of=self._rowcount_of
-            )
+                raise self._error or RuntimeError("nothing was sent")
+            return self._read()
+
+        return _retrying(once, self._attempts)
 
 
 def transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 5) -> T:

@@ -23,6 +23,7 @@ from services.core.db import (
     unit_of_work,
 )
 from services.core.schema import attempts
+from tests.support.locks import deadlocks, until_a_lock_wait
 from tests.support.queries import QueryLog
 
 
@@ -343,3 +344,30 @@ def test_a_stale_read_leaves_the_kept_connections_next_transaction_alone(
     assert fresh.rowcount() == 1
     kept.release()
     assert len(set(log.checkouts)) == 2
+
+
+def test_a_sent_transaction_chosen_as_a_deadlocks_victim_is_sent_again(
+    one_multi: tuple[Engine, QueryLog], db: Engine
+) -> None:
+    """As ``commit`` retries a deadlock, so does a sent transaction when it is read."""
+    engine, _log = one_multi
+    kept = KeptConnection(engine)
+    assert kept.commit([(_ATTEMPT, (f"row-{n}",)) for n in range(5)]) == 1
+    with db.connect() as conn:
+        ids = [row[0] for row in conn.exec_driver_sql("SELECT id FROM attempts ORDER BY id")]
+    mark = "UPDATE attempts SET error = %s WHERE id = %s"
+    before = deadlocks(db)
+    with db.connect() as other:
+        other.begin()
+        for row_id in (*ids[2:], ids[0]):  # the heavier of the two: not the victim
+            other.exec_driver_sql(mark, ("other", row_id))
+        sent = kept.send([(mark, ("sent", ids[1])), (mark, ("sent", ids[0]))])
+        assert until_a_lock_wait(db)  # the sent one waits for the other's first row
+        other.exec_driver_sql(mark, ("other", ids[1]))  # ... which now waits for it
+        other.commit()
+    assert sent.rowcount() == 1  # rolled back as the victim, sent again, committed
+    assert deadlocks(db) == before + 1
+    with db.connect() as conn:
+        errors = dict(conn.exec_driver_sql("SELECT id, error FROM attempts").all())
+    assert (errors[ids[0]], errors[ids[1]], errors[ids[2]]) == ("sent", "sent", "other")
+    kept.release()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +33,7 @@ from services.core.schema import attempts, db_time
 from services.core.schema import emails as emails_table
 from services.core.schema import outbox as outbox_table
 from services.worker.__main__ import BATCH_MAX
+from tests.support.locks import deadlocks, until_a_lock_wait
 
 OWNER = "f" * 32
 LEASE = timedelta(seconds=30)
@@ -612,24 +612,6 @@ def test_created_rows_are_exactly_what_a_read_back_gives(db: Engine) -> None:
         assert [(r.version, r.fire_at) for r in unpublished(db, row["id"])] == [(1, row["due_at"])]
 
 
-def _a_transaction_waits_for_a_lock(engine: Engine, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            if conn.exec_driver_sql(
-                "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
-            ).scalar():
-                return True
-        # InnoDB refreshes what the table shows only when it was not read for 0.1 s
-        time.sleep(0.2)
-    return False
-
-
-def _deadlocks(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'").one()[1])
-
-
 def test_a_record_and_the_relays_mark_of_one_email_wait_for_each_other_without_deadlock(
     db: Engine, records: KeptConnection
 ) -> None:
@@ -642,7 +624,7 @@ def test_a_record_and_the_relays_mark_of_one_email_wait_for_each_other_without_d
     now = datetime.now(UTC)
     (published,) = unpublished(db, email_id)  # version 1: the row the relay publishes
     claimed = claim_each(db, [email_id], now)[email_id]
-    before = _deadlocks(db)
+    before = deadlocks(db)
     recorded: list[bool] = []
     with db.connect() as relay:
         relay.begin()
@@ -654,11 +636,11 @@ def test_a_record_and_the_relays_mark_of_one_email_wait_for_each_other_without_d
             )
         )
         worker.start()
-        assert _a_transaction_waits_for_a_lock(db)  # the record, for the row the mark holds
+        assert until_a_lock_wait(db)  # the record, for the row the mark holds
         relay.exec_driver_sql(outbox._QUEUED, bound)
         relay.commit()
     worker.join(10)
     assert recorded == [True]
-    assert _deadlocks(db) == before
+    assert deadlocks(db) == before
     assert email_row(db, email_id).status == "sent"
     assert unpublished(db, email_id) == []  # the recovery row went with the record
