@@ -25,8 +25,9 @@ import multiprocessing
 import re
 import smtplib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
@@ -91,6 +92,25 @@ def _mysql_client(url: str, per_tx: int, start_at: float, end_at: float) -> tupl
     cpu = time.process_time() - cpu
     engine.dispose()
     return done, cpu
+
+
+@contextmanager
+def mysql_transactions(url: str, connections: int) -> Iterator[Callable[[int], bool]]:
+    """A function making one raw transaction per call - the email and outbox rows of
+    ``_mysql_client``'s, as ``emails.create`` writes them - from any thread, on up to
+    ``connections`` connections at once: the API's open loop's raw counterpart."""
+    engine = create_db_engine(url, pool_size=connections)
+    items = [new_email(datetime.now(UTC) + timedelta(days=1), i) for i in range(100)]
+
+    def transaction(index: int) -> bool:
+        with engine.begin() as conn:
+            emails.create(conn, OWNER, [items[index % len(items)]], datetime.now(UTC))
+        return True
+
+    try:
+        yield transaction
+    finally:
+        engine.dispose()
 
 
 _ID_SLOT = "00000000-0000-7000-8000-000000000000"  # same length as a real id
