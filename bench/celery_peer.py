@@ -11,11 +11,13 @@ exchange are deleted at the end.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -108,7 +110,9 @@ class CeleryWorker:
                 if connection.is_open:
                     connection.close()
 
-        if not wait_until(consuming, timeout, 0.3):
+        with _quiet("pika.channel"):  # it logs each expected 404 as a WARNING
+            ready = wait_until(consuming, timeout, 0.3)
+        if not ready:
             raise RuntimeError(f"celery worker not consuming:\n{self.log_path.read_text()[-3000:]}")
 
     def rss(self) -> dict[str, int]:
@@ -197,6 +201,18 @@ def run(env: BenchEnv, results: dict[str, Any]) -> None:
     finally:
         _on_fresh_channel(lambda ch: (ch.queue_delete(queue), ch.exchange_delete(queue)))
         app.close()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from this logger meanwhile."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _depth(queue: str) -> int:

@@ -432,6 +432,58 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05
     return check()
 
 
+class CommitProbe:
+    """Commits a one-row UPDATE every 10 ms on a connection of its own, from a thread,
+    while a latency measurement runs: MariaDB's own stalls (a redo-log checkpoint's page
+    flushing holds every commit at once) in the same seconds, told apart from ours.
+    ``stalls``: (start, seconds) of each commit held over ``STALL`` seconds."""
+
+    STALL = 0.05
+
+    def __init__(self, engine: Engine, every: float = 0.01) -> None:
+        self._engine, self._every = engine, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._times: list[float] = []
+        self.stalls: list[tuple[datetime, float]] = []
+
+    def _run(self) -> None:
+        with self._engine.connect() as conn:
+            while not self._stop.wait(self._every):
+                wall, start = datetime.now(UTC), time.monotonic()
+                conn.exec_driver_sql("UPDATE bench_commit_probe SET n = n + 1 WHERE id = 1")
+                conn.commit()
+                took = time.monotonic() - start
+                self._times.append(took)
+                if took > self.STALL:
+                    self.stalls.append((wall, took))
+
+    def __enter__(self) -> CommitProbe:
+        with self._engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS bench_commit_probe (id INT PRIMARY KEY, n BIGINT)"
+            )
+            conn.exec_driver_sql("REPLACE INTO bench_commit_probe VALUES (1, 0)")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS bench_commit_probe")
+
+    def summary(self, origin: datetime) -> dict[str, Any]:
+        """Commit latencies, and the stalls as seconds after ``origin`` and milliseconds."""
+        return {
+            **latency_summary(self._times),
+            "stalls": [
+                {"at_s": round((at - origin).total_seconds(), 3), "ms": round(took * 1000, 1)}
+                for at, took in self.stalls
+            ],
+        }
+
+
 class Ticker:
     """Prints a progress line every few seconds from a thread while a long step runs."""
 
