@@ -70,6 +70,9 @@ def serve(workers: int, options: dict[str, Any], graceful_seconds: float) -> int
         ended = set(wait([p.sentinel for p in processes], timeout=0.5))
         for index, process in enumerate(processes):
             if process.sentinel in ended and not stop:
+                # The sentinel is ready once the process has closed its files, a moment
+                # before it can be reaped: until then its exit code reads None.
+                process.join()
                 log.error(
                     "api process %s ended with status %s; starting another",
                     process.pid,
