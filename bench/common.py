@@ -477,6 +477,7 @@ class CommitProbe:
         """Commit latencies, and the stalls as seconds after ``origin`` and milliseconds."""
         return {
             **latency_summary(self._times),
+            "stalled_s": sum(took for _, took in self.stalls),
             "stalls": [
                 {"at_s": round((at - origin).total_seconds(), 3), "ms": round(took * 1000, 1)}
                 for at, took in self.stalls

@@ -333,6 +333,7 @@ def markdown(results: dict[str, Any]) -> str:  # noqa: PLR0912
                         f"; MariaDB commit probe p99 {_fmt(node['db_commit'].get('p99_ms'), 1)} ms,"
                         f" max {_fmt(node['db_commit'].get('max_ms'), 1)} ms,"
                         f" {len(node['db_commit']['stalls'])} held over 50 ms"
+                        f" ({_fmt(node['db_commit'].get('stalled_s'), 2)} s in all)"
                         if "db_commit" in node
                         else ""
                     )

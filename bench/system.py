@@ -554,9 +554,13 @@ def burst(env: BenchEnv, n: int) -> dict[str, Any]:
     ids = insert_emails(env.engine, [send_at] * n)
     scheduled_by = (datetime.now(UTC) - send_at).total_seconds()
     wanted = set(ids)
-    with Ticker(section, lambda: f"{count_arrived(env, wanted)}/{n} arrived"):
+    with (
+        CommitProbe(env.engine) as probe,
+        Ticker(section, lambda: f"{count_arrived(env, wanted)}/{n} arrived"),
+    ):
         wait_until(lambda: count_arrived(env, wanted) >= n, lead + BURST_CUTOFF, 0.1)
     stats = burst_stats(ids, send_at, arrivals(env, wanted))
+    stats["db_commit"] = probe.summary(send_at)
     stats["scheduled_seconds_before_send_at"] = -scheduled_by
     progress(section, f"last arrival {stats['last_after_send_at_s']} s after send_at")
     return stats
